@@ -1,0 +1,99 @@
+"""What every cat_titan model shares: arguments, input checks, buffers, initialisation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .args import ModelArgs
+from .init import Initializer
+
+
+class ModelInputError(ValueError):
+    """Bad input to a model's forward pass (wrong chunk size, too long, bad token ids)."""
+
+
+class BaseModel(nn.Module):
+    args: ModelArgs
+
+    # -- inputs ------------------------------------------------------------------------------
+    def resolve_chunk_size(self, chunk_size: Optional[int]) -> int:
+        valid = self.args.chunk_sizes
+        if chunk_size is None:
+            return max(valid) if valid else 0
+        if not valid:
+            raise ModelInputError(f"chunk_size={chunk_size} was given but a {self.args.kind} model has no chunks")
+        if chunk_size not in valid:
+            raise ModelInputError(f"chunk_size={chunk_size} is not valid for this {self.args.kind} model; "
+                                  f"valid chunk sizes: {list(valid)}")
+        return chunk_size
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ModelInputError(f"tokens must be an integer tensor of shape (batch, seq_len); "
+                                  f"got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > self.args.block_size:
+            raise ModelInputError(f"sequence length {tokens.shape[1]} exceeds the model's block_size "
+                                  f"{self.args.block_size}; shorten the input or build the model with a "
+                                  f"larger model.block_size")
+        # A range check needs a device->host sync: done where it is free (CPU) and outside
+        # compiled graphs. On CUDA an out-of-range id trips the embedding's device assert.
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.args.padded_vocab_size:
+                raise ModelInputError(f"token ids must lie in [0, {self.args.padded_vocab_size}); got ids in "
+                                      f"[{lo}, {hi}] (does the tokenizer match model.vocab_size="
+                                      f"{self.args.vocab_size}?)")
+
+    # -- buffers and weights -------------------------------------------------------------------
+    def init_buffers(self) -> None:
+        """(Re)compute non-persistent buffers, e.g. after ``to_empty``."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, device: torch.device | str | None = None) -> None:
+        """Deterministic initialisation under ``seed``, identical for any parallel layout."""
+        if device is None:
+            p = next(self.parameters())
+            device = p.device if p.device.type != "meta" else "cpu"
+        self.init_buffers()
+        self._init_params(Initializer(seed, device))
+
+    def _init_params(self, init: Initializer) -> None:
+        raise NotImplementedError
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+
+class RopeBuffer(nn.Module):
+    """cos/sin tables as non-persistent buffers (recomputed by init_buffers after to_empty)."""
+
+    def __init__(self, n_elem: int, length: int, base: float):
+        super().__init__()
+        self.n_elem, self.length, self.base = n_elem, length, base
+        self.register_buffer("cos", torch.empty(length, n_elem), persistent=False)
+        self.register_buffer("sin", torch.empty(length, n_elem), persistent=False)
+        if self.cos.device.type != "meta":
+            self.init_buffers()
+
+    def init_buffers(self) -> None:
+        from .common import rope_table
+
+        cos, sin = rope_table(self.n_elem, self.length, self.base, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def gather(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Tables at the given position ids: (S, n_elem) each."""
+        return self.cos[pos], self.sin[pos]
+
+    def first(self, n: int) -> tuple[Tensor, Tensor]:
+        return self.cos[:n], self.sin[:n]

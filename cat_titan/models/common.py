@@ -1,0 +1,251 @@
+"""Building blocks shared by every model: RMSNorm, RoPE, attention, SwiGLU, blocks, losses.
+
+Model code is single-device: nothing here knows about meshes. Local shapes are inferred
+from tensors (``view(b, s, -1, ...)``) so tensor-parallel shards run the same code.
+
+Fused kernels (liger-kernel) are used when a module is built with ``fused=True`` (CUDA
+only); the plain-PyTorch paths compute the same functions and are what CPU runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AttnMask = Union[None, str, Tensor, "BlockMask"]  # None: causal; "full": no mask
+
+
+# ----------------------------------------------------------------------------------------
+# fused kernels (imported lazily: liger-kernel needs triton + CUDA)
+# ----------------------------------------------------------------------------------------
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _liger():
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerRMSNormFunction, LigerRopeFunction, LigerSiLUMulFunction
+
+
+# ----------------------------------------------------------------------------------------
+# normalisation
+# ----------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as the reference does), cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, fused: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and x.is_cuda:
+            rms_fn = _liger()[0]
+            # "gemma" casting: everything in fp32, like the reference's plain RMSNorm.
+            return rms_fn.apply(x, self.weight, self.eps, 0.0, "gemma", False)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+    def init_weights(self, init) -> None:
+        init.ones(self.weight)
+
+
+# ----------------------------------------------------------------------------------------
+# rotary position embeddings (litgpt layout: rotate halves of the first n_elem features)
+# ----------------------------------------------------------------------------------------
+def rope_table(n_elem: int, length: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (length, n_elem), float32."""
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device).float() / n_elem))
+    pos = torch.arange(length, device=device).float()
+    angles = torch.outer(pos, theta).repeat(1, 2)  # (length, n_elem)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, S, head_dim); cos/sin: (S, n_elem) with n_elem <= head_dim.
+
+    Computed in float32 like the reference (its cos/sin are fp32 and promote the product).
+    """
+    n = cos.shape[-1]
+    xr = x[..., :n]
+    half = n // 2
+    rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = (xr * cos + rotated * sin).to(x.dtype)
+    if n == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., n:]), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------
+_compiled_flex = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool) -> Tensor:
+    """FlexAttention, compiled once (eager flex materialises the full score matrix)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    if torch.compiler.is_compiling():  # inside a compiled block: inductor lowers it
+        return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(_flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+    """q: (B, Hq, S, hd), k/v: (B, Hkv, S, hd) -> (B, Hq, S, hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, str):  # "full": bidirectional (the compressor)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return flex_attention(q, k, v, mask, gqa)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with a fused qkv projection.
+
+    ``wqkv`` rows are stored per key/value group: for each KV head, its ``g`` query heads,
+    then its key, then its value (``g = n_heads // n_kv_heads``). A column-wise TP shard of
+    this weight therefore holds whole groups and the same forward runs on the shard. The
+    reference stores [all q | all k | all v]; models/reference.py permutes between the two.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 qk_norm: bool = False, norm_eps: float = 1e-5, fused: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.group = n_heads // n_kv_heads
+        self.fused = fused
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, norm_eps, fused)
+            self.k_norm = RMSNorm(head_dim, norm_eps, fused)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttnMask) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        hd, g = self.head_dim, self.group
+        qkv = self.wqkv(x).view(bsz, seqlen, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
+        q, k, v = qkv.split([g * hd, hd, hd], dim=-1)
+        q = q.reshape(bsz, seqlen, -1, hd)  # (B, S, Hq, hd): head kv*g + j uses kv head kv
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
+        cos, sin = rope
+        if self.fused and q.is_cuda:
+            rope_fn = _liger()[1]
+            # rotary width = cos width (may be < head_dim: the cat_layer quirk)
+            q, k = rope_fn.apply(q.contiguous(), k.contiguous(), cos.unsqueeze(0), sin.unsqueeze(0))
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, mask)  # (B, Hq, S, hd)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, S, Hq*hd)
+        return self.wo(y)
+
+    def init_weights(self, init, std: float, out_std: float) -> None:
+        init.normal(self.wqkv.weight, std)
+        init.normal(self.wo.weight, out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights(init)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Names: w1 = reference fc_1, w3 = fc_2, w2 = proj."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w1(x), self.w3(x)
+        if self.fused and a.is_cuda:
+            return self.w2(_liger()[2].apply(a, b))
+        return self.w2(F.silu(a) * b)
+
+    def init_weights(self, init, std: float, out_std: float) -> None:
+        init.normal(self.w1.weight, std)
+        init.normal(self.w3.weight, std)
+        init.normal(self.w2.weight, out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); h + ffn(norm(h))."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, *, qk_norm: bool = False,
+                 norm_eps: float = 1e-5, fused: bool = False, attention: Optional[nn.Module] = None):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps, fused)
+        self.attention = attention or Attention(dim, n_heads, n_kv_heads, dim // n_heads, qk_norm,
+                                                norm_eps, fused=fused)
+        self.ffn_norm = RMSNorm(dim, norm_eps, fused)
+        self.feed_forward = FeedForward(dim, ffn_dim, fused)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttnMask = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, init, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights(init)
+        self.ffn_norm.init_weights(init)
+        self.attention.init_weights(init, std, out_std)
+        self.feed_forward.init_weights(init, std, out_std)
+
+
+# ----------------------------------------------------------------------------------------
+# initialisation
+# ----------------------------------------------------------------------------------------
+def init_stds(dim: int, n_layers: int) -> tuple[float, float]:
+    """GPT-NeoX small init (the reference's): std sqrt(2/(5 dim)); output projections
+    1/(sqrt(dim) n_layers)."""
+    return math.sqrt(2.0 / 5 / dim), 1.0 / math.sqrt(dim) / n_layers
+
+
+# ----------------------------------------------------------------------------------------
+# output head and loss
+# ----------------------------------------------------------------------------------------
+class OutputHead(nn.Module):
+    """Final norm + vocabulary projection, with an optional fused linear cross-entropy that
+    never materialises the (tokens, vocab) logits."""
+
+    def __init__(self, dim: int, vocab: int, norm_eps: float, fused: bool):
+        super().__init__()
+        self.norm = RMSNorm(dim, norm_eps, fused)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.fused = fused
+
+    def forward(self, h: Tensor, labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)  # (B, L, V)
+        if self.fused and h.is_cuda:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight,
+                                                    labels.reshape(-1), ignore_index=ignore_index)
+        logits = self.output(h).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)

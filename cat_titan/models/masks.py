@@ -1,0 +1,161 @@
+"""Decoder sequence layout and attention masks for CATs.
+
+The reference decoder interleaves, for every chunk k, one compressed vector followed by the
+chunk's tokens: ``[fx_0, t_0 .. t_{C-1}, fx_1, t_C .. ]``. Its mask (fx positions visible to
+everything after them, tokens visible inside their chunk) then touches every 128x128 tile
+of the attention matrix below the diagonal, so FlexAttention can skip nothing.
+
+cat_titan computes the same function on a permuted sequence: all compressed vectors first
+(the "prefix"), then all tokens::
+
+    [fx_0 .. fx_K | t_0 .. t_{L-1} | pad]                      (fixed chunk size)
+    [fx_0, sep_0, fx_1, sep_1 .. fx_K, sep_K | t_0 .. | pad]   (adaptive: separators)
+
+Attention is equivariant to a permutation applied consistently to positions, RoPE ids and
+the mask, so outputs are identical; but now a tile of token queries only meets the prefix
+(K+1 or 2K+2 keys) and its own diagonal tile: attention cost ~ (K + 128) per query instead of
+~ L/2. RoPE ids keep the reference's "restart in every chunk" numbering: fx -> 0, sep -> 1,
+token j of a chunk -> (1 or 2) + j.
+
+Mask rule (q, kv are decoder positions; group(p) is the chunk index a position belongs to,
+fx_k and sep_k belong to group k, tokens of chunk k to group k):
+  - kv is fx:  group(kv) <= group(q)               (compressed past, and own slot)
+  - kv is sep: group(kv) == group(q), q not fx     (own separator)
+  - kv is tok: q is tok, same group, kv <= q       (causal inside the chunk)
+  - pad queries see only themselves (keeps SDPA rows finite; their outputs are dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+FX, SEP, TOK, PAD = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class CatLayout:
+    seq_len: int  # L, a multiple of chunk_size
+    chunk_size: int  # C
+    with_sep: bool  # adaptive CATs add a separator after every compressed vector
+    pad_multiple: int = 1  # decoder length rounded up to this (sequence parallel, kernels)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.seq_len // self.chunk_size
+
+    @property
+    def prefix_len(self) -> int:
+        return (self.num_chunks + 1) * (2 if self.with_sep else 1)
+
+    @property
+    def real_len(self) -> int:
+        return self.prefix_len + self.seq_len
+
+    @property
+    def length(self) -> int:
+        m = self.pad_multiple
+        return -(-self.real_len // m) * m
+
+    @property
+    def rope_span(self) -> int:
+        """Largest RoPE id + 1."""
+        return self.chunk_size + (2 if self.with_sep else 1)
+
+    def tables(self, device: torch.device | str | None = None) -> "LayoutTables":
+        return _tables(self, str(torch.device(device or "cpu")))
+
+
+@dataclass(frozen=True)
+class LayoutTables:
+    kind: torch.Tensor  # (S,) FX/SEP/TOK/PAD per decoder position
+    group: torch.Tensor  # (S,) chunk index of each position
+    rope_pos: torch.Tensor  # (S,) RoPE id
+    out_index: torch.Tensor  # (L,) decoder position whose output predicts input position t + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(layout: CatLayout, device: str) -> LayoutTables:
+    L, C, K = layout.seq_len, layout.chunk_size, layout.num_chunks
+    S, P = layout.length, layout.prefix_len
+    stride = 2 if layout.with_sep else 1
+    kind = torch.full((S,), PAD, dtype=torch.long)
+    group = torch.zeros(S, dtype=torch.long)
+    rope = torch.zeros(S, dtype=torch.long)
+
+    slots = torch.arange(K + 1)
+    kind[slots * stride] = FX
+    group[slots * stride] = slots
+    if layout.with_sep:
+        kind[slots * stride + 1] = SEP
+        group[slots * stride + 1] = slots
+        rope[slots * stride + 1] = 1
+    t = torch.arange(L)
+    kind[P:P + L] = TOK
+    group[P:P + L] = t // C
+    rope[P:P + L] = stride + t % C
+    # Group of pad positions: past every real one, so no real query can see them.
+    group[P + L:] = K + 1
+
+    # Input position t = kC + j predicts t + 1 from: its own token (j < C-1); for the last
+    # token of chunk k, from the slot that opens chunk k+1 (fx_{k+1}, or sep_{k+1} when
+    # separators exist), exactly as the reference rearranges its outputs.
+    last = (t % C) == C - 1
+    open_next = (t // C + 1) * stride + (1 if layout.with_sep else 0)
+    out_index = torch.where(last, open_next, P + t)
+    dev = torch.device(device)
+    return LayoutTables(kind.to(dev), group.to(dev), rope.to(dev), out_index.to(dev))
+
+
+def cat_mask_mod(tables: LayoutTables):
+    """mask_mod(b, h, q, kv) -> bool, usable by FlexAttention and for dense masks."""
+    kind, group = tables.kind, tables.group
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kq, kk = kind[q_idx], kind[kv_idx]
+        gq, gk = group[q_idx], group[kv_idx]
+        see_fx = (kk == FX) & (gk <= gq)
+        see_sep = (kk == SEP) & (gk == gq) & (kq != FX)
+        see_tok = (kk == TOK) & (kq == TOK) & (gk == gq) & (kv_idx <= q_idx)
+        real = (see_fx | see_sep | see_tok) & (kq != PAD)
+        return real | ((kq == PAD) & (q_idx == kv_idx))
+
+    return mask_mod
+
+
+def dense_mask(mask_mod, length: int, device) -> torch.Tensor:
+    """(S, S) boolean mask (True = attend) built from the same mask function."""
+    idx = torch.arange(length, device=device)
+    return mask_mod(None, None, idx[:, None], idx[None, :])
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_cat_mask(layout: CatLayout, device: str) -> torch.Tensor:
+    return dense_mask(cat_mask_mod(layout.tables(device)), layout.length, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_cat_mask(layout: CatLayout, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(cat_mask_mod(layout.tables(device)), B=None, H=None,
+                             Q_LEN=layout.length, KV_LEN=layout.length, device=device)
+
+
+def cat_attention_mask(layout: CatLayout, backend: str, device):
+    """The mask object the attention backend consumes: a BlockMask (flex) or a bool tensor."""
+    dev = str(torch.device(device))
+    if backend == "flex":
+        return _block_cat_mask(layout, dev)
+    return _dense_cat_mask(layout, dev)
+
+
+def reference_cat_mask(length: int, group_size: int) -> torch.Tensor:
+    """The reference's interleaved mask (get_cat_mask), for tests of the permutation."""
+    q = torch.arange(length)[:, None]
+    kv = torch.arange(length)[None, :]
+    within = (q // group_size) == (kv // group_size)
+    divides = (kv % group_size) == 0
+    return (within | divides) & (q >= kv)
