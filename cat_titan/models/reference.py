@@ -189,3 +189,28 @@ def args_from_reference(configs: Mapping, kind: str, **overrides) -> ModelArgs:
             raise ReferenceFormatError("cat_layer with rope_n_elem != dim/n_head is not supported")
     kw.update(overrides)
     return ModelArgs(**kw)
+
+
+def reference_configs(args: ModelArgs) -> dict:
+    """ModelArgs -> the reference's config fields (the fixture metadata's 'configs')."""
+
+    def one(dim, n_layer, n_head, n_kv, ffn, **extra):
+        return dict(block_size=args.block_size, vocab_size=args.vocab_size, padded_vocab_size=args.padded_vocab_size,
+                    n_layer=n_layer, n_head=n_head, dim=dim, intermediate_size=ffn, n_local_heads=n_kv,
+                    head_dim=dim // n_head, rope_base=args.rope_base, norm_eps=args.norm_eps,
+                    rope_n_elem=dim // n_head, use_fused_ops=False, use_qk_norm=args.qk_norm, **extra)
+
+    if args.vocab_multiple != 256:
+        raise ReferenceFormatError(f"the reference pads the vocabulary to 256; model.vocab_multiple="
+                                   f"{args.vocab_multiple} has no reference equivalent")
+    dec = one(args.dim, args.n_layers, args.n_heads, args.kv_heads, args.ffn_dim)
+    if args.kind == "dense":
+        return {"model": dec}
+    if args.kind == "cat_layer":
+        if args.layer_pattern != ["cat"] or args.cat_layer_head_dim != 64:
+            raise ReferenceFormatError("only all-CAT layer stacks with 64-wide heads exist in the reference format")
+        chunk = dict(chunk_size=args.chunk_size, dim_fx=args.fx_dim, num_chunks=args.block_size // args.chunk_size)
+        return {"model": {**dec, **chunk}}
+    chunk = dict(chunk_size=args.chunk_size, dim_fx=args.dim, num_chunks=args.block_size // args.chunk_size)
+    comp = one(args.compressor_dim, args.compressor_layers, args.compressor_heads, args.c_kv_heads, args.c_ffn_dim)
+    return {"decoder": {**dec, **chunk}, "compressor": {**comp, **chunk}}
