@@ -53,6 +53,16 @@ def greedy_full_forward(model, prompt: torch.Tensor, total_len: int, **kw) -> to
     return tokens
 
 
+def greedy_cached(model, prompt: torch.Tensor, total_len: int, chunk_size=None) -> torch.Tensor:
+    """Greedy decoding with the KV-cache generation path (cat_titan.infer): prompt (B, P) ->
+    (B, total_len). Argmax over the padded vocabulary, as the reference's greedy loop takes it."""
+    from .infer import generate
+
+    new = generate(model, prompt, total_len - prompt.shape[1], chunk_size=chunk_size,
+                   vocab_size=model.args.padded_vocab_size)
+    return torch.cat([prompt.cpu(), torch.tensor(new, dtype=prompt.dtype)], dim=1)
+
+
 @torch.no_grad()
 def run_parity(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                tolerance: float = TOLERANCE, attn_backend: str = "auto", fused_ops: str = "off") -> list[ParityResult]:
@@ -88,4 +98,7 @@ def run_parity(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
         got = greedy_full_forward(model, others["greedy_prompt"].to(device), want.shape[1]).cpu()
         bad = int((got != want).sum())
         results.append(ParityResult("greedy_tokens[full-forward]", bad, bad == 0, f"{bad} differing tokens"))
+        got = greedy_cached(model, others["greedy_prompt"].to(device), want.shape[1]).cpu()
+        bad = int((got != want).sum())
+        results.append(ParityResult("greedy_tokens[cached]", bad, bad == 0, f"{bad} differing tokens"))
     return results

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Check cat_titan against a reference-format file: one line per output, exit 1 on failure.
 
+A file with greedy_prompt/greedy_tokens gets two greedy lines: decoding by full forward
+passes ([full-forward]) and by the KV-cache generation path of cat_titan.infer ([cached]).
+
     python tools/reference_parity.py ../shared/fixtures/reference/cat.safetensors [--device cuda --dtype bf16]
 """
 

@@ -1,0 +1,472 @@
+"""Cached forward passes for generation: one prefill, then one decoder position per step.
+
+A *runner* owns the caches of one batch and computes next-token logits. It drives the
+model's own submodules (embeddings, norms, ``wqkv``/``wo``, feed-forwards, compressor,
+head) so the arithmetic is the model's; only the sequence bookkeeping is new here.
+
+Every sequence of the batch keeps its own timeline: position ``pos[b]`` is the index of
+the token being fed, chunk ``pos // C`` and phase ``pos % C`` follow from it, so prompts of
+different lengths need no shifting and chunk boundaries stay where the model saw them in
+training (prompts are right-padded for the prefill; see generate.py).
+
+Cache layouts (columns of a ``(B, heads, N, head_dim)`` K/V buffer, identical for all rows):
+
+* dense layer: ``N = max_len``, column ``t`` holds position ``t``; the query at ``pos``
+  sees columns ``<= pos`` (junk beyond a row's prompt is masked until overwritten).
+* CAT decoder / CAT layer: ``[slots | current chunk | scratch]``. Slot columns hold the
+  compressed past in the decoder order of masks.py (``fx_0, fx_1, ..`` or adaptive
+  ``fx_0, sep_0, fx_1, sep_1, ..``), ``stride * (max_len // C + 1)`` of them; the next
+  ``C`` columns hold the current chunk's tokens by phase and are overwritten chunk after
+  chunk (a query at phase j sees phases <= j, so stale entries of the previous chunk are
+  invisible); adaptive models add one scratch column that a dummy query writes to.
+  ``N = stride*(max_len//C + 1) + C (+1)`` instead of ``max_len + max_len//C``.
+
+The last token of chunk k never enters the cache: nothing attends to it (tokens only see
+their own chunk). Feeding it instead completes the chunk: the chunk is compressed and the
+new slot fx_{k+1} (adaptive: fx_{k+1} then sep_{k+1}) is the decoder query whose output
+predicts the next token, exactly as ``out_index`` in masks.py says.
+
+Static shapes: a step has a fixed query length T (1; adaptive CATs use T=2 on steps where
+some row completes a chunk), every write is a ``scatter_`` at per-row columns and every
+visibility rule a comparison against per-column tables, so ``_decode`` traces once per
+(T, completes-a-chunk) variant under ``torch.compile``. Caches are zero-initialised:
+a masked column still enters SDPA's matmuls, and NaN * 0 would poison the row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.common import Attention, apply_rope, attend
+from ..models.masks import FX, PAD, SEP, TOK, CatLayout, cat_attention_mask
+
+
+# ----------------------------------------------------------------------------------------
+# the model's attention and blocks, split into "project", "attend", "output"
+# ----------------------------------------------------------------------------------------
+def project_qkv(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The first half of ``Attention.forward``: x (B, S, D) -> q (B, Hq, S, hd), k/v (B, Hkv, S, hd).
+
+    cos/sin are (S, n) for a shared layout or (B, 1, S, n) for per-row positions.
+    The plain RoPE is used even where the model would call liger's (same function).
+    """
+    B, S, _ = x.shape
+    hd, g = attn.head_dim, attn.group
+    qkv = attn.wqkv(x).view(B, S, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
+    q, k, v = qkv.split([g * hd, hd, hd], dim=-1)
+    q = q.reshape(B, S, -1, hd)  # (B, S, Hq, hd)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attn_output(attn: Attention, y: Tensor) -> Tensor:
+    """y (B, Hq, S, hd) -> (B, S, D) through ``wo``."""
+    B, H, S, hd = y.shape
+    return attn.wo(y.transpose(1, 2).reshape(B, S, H * hd))
+
+
+def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Tensor]) -> Tensor:
+    """``TransformerBlock.forward`` with the attention call supplied by the caller."""
+    h = x + attention(layer.attention_norm(x))
+    return h + layer.feed_forward(layer.ffn_norm(h))
+
+
+class KVCache(nn.Module):
+    """K and V of one attention layer: (B, Hkv, N, hd) each, zero-initialised."""
+
+    def __init__(self, attn: Attention, batch: int, length: int, dtype, device):
+        super().__init__()
+        hd = attn.head_dim
+        heads = attn.wqkv.out_features // ((attn.group + 2) * hd)  # KV heads (local under TP)
+        shape = (batch, heads, length, hd)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def fill(self, k: Tensor, v: Tensor, src: Optional[Tensor] = None) -> None:
+        """Prefill: column j of the cache <- position src[b, j] of k/v (B, H, S, hd);
+        without src, the first S columns <- k/v."""
+        if src is None:
+            self.k[:, :, : k.shape[2]].copy_(k)
+            self.v[:, :, : v.shape[2]].copy_(v)
+            return
+        idx = src[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, N, hd)
+        self.k.copy_(k.gather(2, idx))
+        self.v.copy_(v.gather(2, idx))
+
+    def attend(self, attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, mask: Tensor) -> Tensor:
+        """One decode step: x (B, T, D) -> (B, T, D). Writes each query's K/V at its column
+        cols (B, T) first, so queries of this step see each other as the mask allows."""
+        q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
+        idx = cols[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
+        return attn_output(attn, y)
+
+    @property
+    def columns(self) -> int:
+        return self.k.shape[2]
+
+
+class SlotColumns(nn.Module):
+    """Per-column tables of a CAT cache ``[slots | chunk tokens | scratch]`` and its mask rule.
+
+    The rule is masks.py's, restated for cache columns: fx_k visible to queries of group
+    >= k; sep_k to non-fx queries of group k; token columns to token queries at a later or
+    equal phase (the token region only ever holds the current chunk); scratch only to dummies.
+    """
+
+    def __init__(self, max_len: int, chunk_size: int, with_sep: bool, scratch: bool, device):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.stride = 2 if with_sep else 1
+        self.n_slots = self.stride * (max_len // chunk_size + 1)
+        self.scratch = self.n_slots + chunk_size if scratch else -1
+        n = self.n_slots + chunk_size + (1 if scratch else 0)
+        c = torch.arange(n, device=device)
+        slot = c < self.n_slots
+        kind = torch.where(slot, torch.where(c % self.stride == 0, FX, SEP), TOK)
+        kind = torch.where(c >= self.n_slots + chunk_size, PAD, kind)
+        self.register_buffer("kind", kind, persistent=False)
+        self.register_buffer("group", torch.where(slot, c // self.stride, -1), persistent=False)
+        self.register_buffer("phase", torch.where(kind == TOK, c - self.n_slots, -1), persistent=False)
+
+    @property
+    def length(self) -> int:
+        return self.kind.shape[0]
+
+    def mask(self, q_kind: Tensor, q_group: Tensor, q_phase: Tensor) -> Tensor:
+        """Query descriptors (B, T) -> boolean mask (B, 1, T, N), True = attend."""
+        qk, qg, qp = q_kind[..., None], q_group[..., None], q_phase[..., None]  # (B, T, 1)
+        ck, cg, cp = self.kind, self.group, self.phase  # (N,)
+        see = ((ck == FX) & (cg <= qg)) \
+            | ((ck == SEP) & (cg == qg) & (qk != FX)) \
+            | ((ck == TOK) & (qk == TOK) & (cp <= qp)) \
+            | ((ck == PAD) & (qk == PAD))
+        return see[:, None]
+
+    def prefill_sources(self, layout: CatLayout, lengths: Tensor) -> Tensor:
+        """For each row and cache column, the decoder position of a prefill over ``layout``
+        whose K/V belongs there: (B, N). Slots keep their layout positions; token columns
+        take the tokens of each row's partial last chunk. Columns a row does not use yet
+        get some in-range position (finite values, masked until overwritten)."""
+        C, S = self.chunk_size, layout.length
+        col = torch.arange(self.length, device=lengths.device)  # (N,)
+        first = layout.prefix_len + (lengths // C) * C  # (B,) decoder position of the partial chunk's first token
+        tok = first[:, None] + (col - self.n_slots)[None]  # (B, N)
+        src = torch.where(col < self.n_slots, col, torch.where(self.kind == TOK, tok, 0))
+        return src.clamp(0, S - 1)
+
+
+def step_queries(pos: Tensor, cols: SlotColumns, completes: bool, rope_base: int):
+    """Descriptors of the one query each row sends through a CAT cache at position pos (B,).
+
+    A row whose token ends its chunk k (phase C-1) sends the slot fx_{k+1} (group k+1, RoPE
+    id 0) instead of the token. Returns (done (B,) bool or None, kind, group, phase, col,
+    rope), each (B,); rope_base is the RoPE id of a chunk's first token (1, or 2 with seps).
+    """
+    C = cols.chunk_size
+    phase, k = pos % C, pos // C
+    kind = torch.full_like(pos, TOK)
+    group, col, rope = k, cols.n_slots + phase, rope_base + phase
+    if not completes:
+        return None, kind, group, phase, col, rope
+    done = phase == C - 1
+    kind = torch.where(done, FX, kind)
+    group = torch.where(done, k + 1, group)
+    col = torch.where(done, (k + 1) * cols.stride, col)
+    rope = torch.where(done, 0, rope)
+    return done, kind, group, phase, col, rope
+
+
+def _rope_at(table, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE tables at per-row ids (B, T) -> (B, 1, T, n) each (broadcast over heads)."""
+    return table.cos[ids][:, None], table.sin[ids][:, None]
+
+
+# ----------------------------------------------------------------------------------------
+# runners
+# ----------------------------------------------------------------------------------------
+class Runner(nn.Module):
+    """Caches plus the two passes. ``prefill`` takes right-padded prompts (B, Lp) and their
+    lengths (B,) and returns the logits (B, V) after each prompt; ``step`` feeds one token
+    per row at positions ``pos`` (B,) and returns the next logits (B, V)."""
+
+    model: nn.Module
+    chunk_size: int = 0
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        super().__init__()
+        self.batch, self.max_len = batch, max_len
+        # Not a submodule: the runner's state is its caches, the weights stay the model's.
+        object.__setattr__(self, "model", model)
+        # Compiled functions are of the unbound methods (self is an argument): no reference
+        # cycle keeps a runner's caches alive, and runners of equal shapes share graphs.
+        self._compiled: dict[str, Callable] = {}
+        self._cuda_graphs = False
+
+    # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
+    # pos) to choose the traced variant without a device sync.
+    def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _decode_impl(self, *args):
+        raise NotImplementedError
+
+    def _decode(self, *args):
+        out = self._compiled.get("decode", type(self)._decode_impl)(self, *args)
+        # A CUDA graph's output buffer is overwritten by its next replay; callers keep logits.
+        return out.clone() if self._cuda_graphs else out
+
+    def compile_step(self, mode: Optional[str] = None, **kw) -> None:
+        """Compile the decode step (static shapes; one graph per step variant). With
+        mode='reduce-overhead' (CUDA graphs) the caches are marked as static addresses."""
+        if mode == "reduce-overhead":
+            self._cuda_graphs = True
+            for buf in self.buffers():
+                torch._dynamo.mark_static_address(buf)
+        self._compiled["decode"] = torch.compile(type(self)._decode_impl, mode=mode, dynamic=False, **kw)
+
+    def completes(self, pos_host: Tensor) -> bool:
+        """Does some row feed the last token of a chunk at these positions?"""
+        C = self.chunk_size
+        return C > 0 and bool(((pos_host % C) == C - 1).any())
+
+    def caches(self) -> list[KVCache]:
+        return [m for m in self.modules() if isinstance(m, KVCache)]
+
+    def cache_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _head(self, h: Tensor) -> Tensor:
+        """Output head on one position per row: (B, D) -> (B, V)."""
+        return self.model.head(h[:, None])[:, 0]
+
+
+class CatRunner(Runner):
+    """Fixed and adaptive CATs: the decoder caches only slots + the current chunk.
+
+    Besides the K/V, each row keeps its current chunk's token ids (B, C) for the compressor.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device):
+        super().__init__(model, batch, max_len)
+        self.chunk_size = C = chunk_size
+        self.adaptive = model.adaptive
+        self.size_index = C.bit_length() - 1 if self.adaptive else 0  # log2(C): the size token / cond row
+        self.cols = SlotColumns(max_len, C, self.adaptive, scratch=self.adaptive, device=device)
+        self.kv = nn.ModuleList(KVCache(layer.attention, batch, self.cols.length, dtype, device)
+                                for layer in model.layers)
+        self.register_buffer("chunk", torch.zeros(batch, C, dtype=torch.long, device=device), persistent=False)
+
+    def compile_step(self, mode: Optional[str] = None, **kw) -> None:
+        super().compile_step(mode, **kw)
+        # Rows completing a chunk vary in number (mixed prompt lengths): dynamic batch.
+        self._compiled["compress"] = torch.compile(CatRunner._compress_impl, dynamic=True)
+
+    def _compress(self, chunks: Tensor, chunk_index: Tensor) -> Tensor:
+        return self._compiled.get("compress", CatRunner._compress_impl)(self, chunks, chunk_index)
+
+    # -- prefill ------------------------------------------------------------------------
+    def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        m, C = self.model, self.chunk_size
+        B, Lp = tokens.shape  # Lp: a multiple of C
+        x, layout = m.decoder_inputs(tokens, C)  # (B, S, D): [slots | tokens | pad]
+        tables = layout.tables(x.device)
+        cos, sin = m.rope.gather(tables.rope_pos)
+        mask = cat_attention_mask(layout, m.args.attn_backend, x.device)
+        src = self.cols.prefill_sources(layout, lengths)  # (B, N)
+        for layer, cache in zip(m.layers, self.kv):
+            def attention(u, layer=layer, cache=cache):
+                q, k, v = project_qkv(layer.attention, u, cos, sin)
+                cache.fill(k, v, src)
+                return attn_output(layer.attention, attend(q, k, v, mask))
+            x = block_forward(layer, x, attention)
+        # Each row's current chunk (ids past the prompt are pad, overwritten before use).
+        idx = ((lengths // C) * C)[:, None] + torch.arange(C, device=tokens.device)  # (B, C)
+        self.chunk.copy_(tokens.gather(1, idx.clamp(max=Lp - 1)))
+        last = tables.out_index[lengths - 1]  # (B,) decoder position predicting the next token
+        return self._head(x[torch.arange(B, device=x.device), last])
+
+    # -- decode ---------------------------------------------------------------------------
+    def _compress_impl(self, chunks: Tensor, chunk_index: Tensor) -> Tensor:
+        """``Compressor.forward`` for one chunk per row at its own chunk index:
+        chunks (n, C) ids, chunk_index (n,) -> fx (n, D)."""
+        comp = self.model.compressor
+        n, C = chunks.shape
+        dim = comp.args.compressor_dim
+        x = comp.tok_embeddings(chunks)  # (n, C, Dc)
+        prefix = [comp.chunk_pos(chunk_index)[:, None]]  # (n, 1, Dc)
+        if comp.adaptive:
+            prefix.insert(0, comp.size_tokens.weight[self.size_index].view(1, 1, dim).expand(n, 1, dim))
+        x = torch.cat(prefix + [x], dim=1)  # (n, P+C, Dc)
+        rope = comp.rope.first(x.shape[1])
+        for layer in comp.layers:
+            x = layer(x, rope, "full")
+        x = comp.norm(x)[:, comp.n_prefix:].reshape(n, C * dim)  # (n, C*Dc)
+        return F.linear(x, comp.proj_weight(C))  # (n, D)
+
+    def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
+        C = self.chunk_size
+        phase = (pos % C)[:, None]
+        self.chunk.scatter_(1, phase, tok[:, None])
+        fx = None
+        if self.completes(pos_host):
+            done_host = (pos_host % C) == C - 1
+            if bool(done_host.all()):  # aligned batches: every row at once, no gather
+                fx = self._compress(self.chunk, pos // C)
+            else:
+                rows = done_host.nonzero().flatten().to(pos.device, non_blocking=True)
+                part = self._compress(self.chunk.index_select(0, rows), pos.index_select(0, rows) // C)
+                fx = part.new_zeros(tok.shape[0], part.shape[1]).index_copy(0, rows, part)  # (B, D)
+        return self._decode(tok, pos, fx)
+
+    def _decode_impl(self, tok: Tensor, pos: Tensor, fx: Optional[Tensor]) -> Tensor:
+        """tok, pos (B,); fx (B, D) for rows that complete a chunk (None when none does)."""
+        m = self.model
+        x_tok = m.tok_embeddings(tok)  # (B, D)
+        done, kind, group, phase, col, rope = step_queries(pos, self.cols, fx is not None, self.cols.stride)
+        x = x_tok if done is None else torch.where(done[:, None], fx, x_tok)
+        queries = [(x, kind, group, phase, col, rope)]
+        if done is not None and self.adaptive:
+            # Second query: sep_{k+1} for completing rows (it must see fx_{k+1}, written by
+            # query 0 of this step); a dummy on the scratch column for the others.
+            sep = m.separator.weight.expand_as(x_tok)
+            queries.append((torch.where(done[:, None], sep, x_tok),
+                            torch.where(done, SEP, PAD), group, phase,
+                            torch.where(done, col + 1, self.cols.scratch), torch.where(done, 1, 0)))
+        x, kind, group, phase, col, rope = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
+        mask = self.cols.mask(kind, group, phase)  # (B, 1, T, N)
+        cos, sin = _rope_at(m.rope, rope)
+        for layer, cache in zip(m.layers, self.kv):
+            x = block_forward(layer, x, lambda u, layer=layer, cache=cache:
+                              cache.attend(layer.attention, u, cos, sin, col, mask))
+        if x.shape[1] == 1:
+            return self._head(x[:, 0])
+        # adaptive with completions: the sep query predicts for completing rows
+        return self._head(torch.where(done[:, None], x[:, 1], x[:, 0]))
+
+
+class StackRunner(Runner):
+    """Dense transformers and CAT-layer stacks (pure or hybrid): per-layer caches.
+
+    Dense layers keep full K/V by position. A CAT layer keeps its inner attention's
+    slots + current chunk, and its current chunk's normed hidden states (B, C, D): its
+    slot fx_{k+1} = compress(normed inputs of chunk k at this layer) needs all C of them.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device):
+        super().__init__(model, batch, max_len)
+        a = model.args
+        self.kinds = list(getattr(model, "kinds", ["dense"] * len(model.layers)))
+        self.chunk_size = C = chunk_size if "cat" in self.kinds else 0
+        # A padded prefill may reach past max_len by < C positions: dense caches take it.
+        self.dense_len = -(-max_len // C) * C if C else max_len
+        self.cols = SlotColumns(max_len, C, False, scratch=False, device=device) if C else None
+        caches, hidden = [], []
+        for kind, layer in zip(self.kinds, model.layers):
+            if kind == "dense":
+                caches.append(KVCache(layer.attention, batch, self.dense_len, dtype, device))
+                hidden.append(None)
+            else:
+                caches.append(KVCache(layer.attention.inner, batch, self.cols.length, dtype, device))
+                hidden.append(torch.zeros(batch, C, a.dim, dtype=dtype, device=device))
+        self.kv = nn.ModuleList(caches)
+        for i, h in enumerate(hidden):
+            if h is not None:
+                self.register_buffer(f"hidden{i}", h, persistent=False)
+        self.register_buffer("dense_cols", torch.arange(self.dense_len, device=device), persistent=False)
+
+    def _hidden(self, i: int) -> Tensor:
+        return getattr(self, f"hidden{i}")
+
+    # -- prefill ------------------------------------------------------------------------
+    def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        m, C = self.model, self.chunk_size
+        B, Lp = tokens.shape  # Lp: a multiple of C when there are CAT layers
+        x = m.tok_embeddings(tokens)  # (B, Lp, D)
+        dense_rope = m.rope.first(Lp)
+        if C:
+            layout = CatLayout(Lp, C, False, m.decoder_pad_multiple)
+            tables = layout.tables(x.device)
+            mask = cat_attention_mask(layout, m.args.attn_backend, x.device)
+            cat_cos, cat_sin = m.cat_rope.gather(tables.rope_pos)
+            src = self.cols.prefill_sources(layout, lengths)  # (B, N)
+            pad = layout.length - layout.real_len
+            # Positions of each row's partial last chunk, for the CAT layers' hidden buffers.
+            chunk_idx = (((lengths // C) * C)[:, None] + torch.arange(C, device=x.device)).clamp(max=Lp - 1)
+        for i, (kind, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
+            if kind == "dense":
+                def attention(u, layer=layer, cache=cache):
+                    q, k, v = project_qkv(layer.attention, u, *dense_rope)
+                    cache.fill(k, v)
+                    return attn_output(layer.attention, attend(q, k, v, None))
+            else:
+                def attention(u, i=i, layer=layer, cache=cache):
+                    # CatAttention.forward, keeping the inner K/V and the chunk's inputs
+                    ca = layer.attention
+                    D = u.shape[-1]
+                    fx = ca.compress(u.reshape(B, Lp // C, C * D))  # (B, K, Dfx)
+                    Dfx = fx.shape[-1]
+                    parts = [ca.cond.weight.view(1, 1, Dfx).expand(B, 1, Dfx), fx, ca.expand(u)]
+                    if pad:
+                        parts.append(fx.new_zeros(B, pad, Dfx))
+                    h = torch.cat(parts, dim=1)  # (B, S, Dfx)
+                    q, k, v = project_qkv(ca.inner, h, cat_cos, cat_sin)
+                    cache.fill(k, v, src)
+                    self._hidden(i).copy_(u.gather(1, chunk_idx[..., None].expand(-1, -1, D)))
+                    y = attn_output(ca.inner, attend(q, k, v, mask)).index_select(1, tables.out_index)
+                    return ca.final_proj(y)  # (B, Lp, D)
+            x = block_forward(layer, x, attention)
+        return self._head(x[torch.arange(B, device=x.device), lengths - 1])
+
+    # -- decode ---------------------------------------------------------------------------
+    def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
+        return self._decode(tok, pos, self.completes(pos_host))
+
+    def _decode_impl(self, tok: Tensor, pos: Tensor, completes: bool) -> Tensor:
+        m = self.model
+        x = m.tok_embeddings(tok)[:, None]  # (B, 1, D)
+        dense_col = pos[:, None]  # (B, 1)
+        dense_mask = (self.dense_cols <= dense_col[..., None])[:, None]  # (B, 1, 1, Ld)
+        dense_cos, dense_sin = _rope_at(m.rope, dense_col)
+        if self.chunk_size:
+            done, kind, group, phase, col, rope = step_queries(pos, self.cols, completes, 1)
+            cat_mask = self.cols.mask(kind[:, None], group[:, None], phase[:, None])  # (B, 1, 1, N)
+            cat_cos, cat_sin = _rope_at(m.cat_rope, rope[:, None])
+            hidden_idx = phase[:, None, None].expand(-1, 1, m.args.dim)  # (B, 1, D)
+        for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
+            if kind_i == "dense":
+                def attention(u, layer=layer, cache=cache):
+                    return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_mask)
+            else:
+                def attention(u, i=i, layer=layer, cache=cache):
+                    ca = layer.attention
+                    buf = self._hidden(i)
+                    buf.scatter_(1, hidden_idx, u)  # (B, C, D): this chunk's normed inputs so far
+                    h = ca.expand(u)  # (B, 1, Dfx)
+                    if done is not None:
+                        fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
+                        h = torch.where(done[:, None, None], fx, h)
+                    return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_mask))
+            x = block_forward(layer, x, attention)
+        return self._head(x[:, 0])
+
+
+def make_runner(model: nn.Module, batch: int, max_len: int, chunk_size: int) -> Runner:
+    """The runner for a model's kind, with caches for ``batch`` rows of up to ``max_len``
+    tokens, in the model's dtype and on its device."""
+    p = next(model.parameters())
+    kind = model.args.kind
+    cls = CatRunner if kind in ("cat", "cat_adaptive") else StackRunner
+    return cls(model, batch, max_len, chunk_size, p.dtype, p.device)
