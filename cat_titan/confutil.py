@@ -33,7 +33,7 @@ import re
 import textwrap
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -732,12 +732,19 @@ def load(
     cls: type[T],
     path: str | os.PathLike[str] | None,
     overrides: Iterable[str] = (),
+    *,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> T:
     """Defaults <- YAML file (if any) <- overrides, type-checked, then every section's
-    validate() hook; one ConfigError lists type problems first, then semantic ones."""
+    validate() hook; one ConfigError lists type problems first, then semantic ones.
+
+    `prepare` may rewrite the merged plain data before it is built (e.g. fill fields
+    from a named preset that the file and overrides did not set)."""
     data = read_yaml(path) if path is not None else {}
     probs = _Problems()
     data = _apply(data, overrides, cls, probs)
+    if prepare is not None:
+        data = prepare(data)
     obj = _build_root(cls, data, "", probs)
     semantic = [] if obj is _INVALID else _validate_tree(obj, "", probs.paths)
     if probs.messages or semantic:

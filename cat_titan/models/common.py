@@ -30,6 +30,12 @@ def liger_available() -> bool:
     return True
 
 
+def use_liger(fused: bool, x: Tensor) -> bool:
+    """liger kernels run in eager mode only: inside a compiled block dynamo cannot trace
+    their autograd Functions, and inductor fuses the plain ops into comparable kernels."""
+    return fused and x.is_cuda and not torch.compiler.is_compiling()
+
+
 def _liger():
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.rope import LigerRopeFunction
@@ -51,7 +57,7 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and x.is_cuda:
+        if use_liger(self.fused, x):
             rms_fn = _liger()[0]
             # "gemma" casting: everything in fp32, like the reference's plain RMSNorm.
             return rms_fn.apply(x, self.weight, self.eps, 0.0, "gemma", False)
@@ -104,6 +110,12 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool
     if torch.compiler.is_compiling():  # inside a compiled block: inductor lowers it
         return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
+        # One graph per (shape, mask) is expected here (eager callers: generation, tests,
+        # adaptive chunk sizes); the default recompile limit of 8 would fall back to the
+        # eager flex, which materialises the full score matrix.
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _compiled_flex = torch.compile(_flex, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
@@ -153,7 +165,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
         cos, sin = rope
-        if self.fused and q.is_cuda:
+        if use_liger(self.fused, q):
             rope_fn = _liger()[1]
             # rotary width = cos width (may be < head_dim: the cat_layer quirk)
             q, k = rope_fn.apply(q.contiguous(), k.contiguous(), cos.unsqueeze(0), sin.unsqueeze(0))
@@ -183,7 +195,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.w1(x), self.w3(x)
-        if self.fused and a.is_cuda:
+        if use_liger(self.fused, a):
             return self.w2(_liger()[2].apply(a, b))
         return self.w2(F.silu(a) * b)
 
@@ -242,7 +254,7 @@ class OutputHead(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)  # (B, L, V)
-        if self.fused and h.is_cuda:
+        if use_liger(self.fused, h):
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             return liger_fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight,

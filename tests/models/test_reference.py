@@ -38,7 +38,7 @@ def test_fixture_parity(path):
         assert r.ok, f"{path.name} {r.name}: {r.max_abs_diff} {r.detail}"
     if path.name == "cat.safetensors":
         names = {r.name for r in results}
-        assert {"logits", "logits_odd", "greedy_tokens[full-forward]"} <= names
+        assert {"logits", "logits_odd", "greedy_tokens[full-forward]", "greedy_tokens[cached]"} <= names
 
 
 def test_parity_cli_all_fixtures():
@@ -46,7 +46,7 @@ def test_parity_cli_all_fixtures():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 8 and all(line.endswith("ok") or " ok " in line for line in lines), out.stdout
+    assert len(lines) == 9 and all(line.endswith("ok") or " ok " in line for line in lines), out.stdout
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Console lines, metrics.jsonl, tensorboard events and MFU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets); used for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks get a logger that only keeps time."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: str, total_steps: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; degrade with a note if absent
+                print("[metrics] tensorboard not installed: event files disabled", file=sys.stderr)
+        interactive = sys.stdout.isatty()
+        self.progress = enabled and (progress == "on" or (progress == "auto" and interactive))
+        self.start = time.time()
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+        step = row["step"]
+        eta = (time.time() - self.start) / max(1, step - row.get("start_step", 0)) * (self.total_steps - step)
+        parts = [f"step {step:>6d}/{self.total_steps}"]
+        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_sec", "{:,.0f}"),
+                         ("mfu", "{:.1%}"), ("peak_mem_gb", "{:.1f}GB"), ("chunk_size", "{}")):
+            if row.get(key) is not None:
+                parts.append(f"{key} " + fmt.format(row[key]))
+        parts.append(f"eta {eta / 60:.1f}m")
+        self.clear_progress()
+        print(" | ".join(parts), flush=True)
+
+    def log_eval(self, step: int, losses: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "eval": True, **{f"val_loss{k}": v for k, v in losses.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in losses.items():
+                self.tb.add_scalar(f"val_loss{k}", v, step)
+        self.clear_progress()
+        print(f"eval step {step}: " + ", ".join(f"val_loss{k} {v:.4f}" for k, v in losses.items()), flush=True)
+
+    def show_progress(self, step: int, loss: float) -> None:
+        if self.progress:
+            sys.stdout.write(f"\r  step {step}/{self.total_steps} loss {loss:.4f} ")
+            sys.stdout.flush()
+
+    def clear_progress(self) -> None:
+        if self.progress:
+            sys.stdout.write("\r\033[K")
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
