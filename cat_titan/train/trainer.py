@@ -269,10 +269,11 @@ class Trainer:
             self.log(f"[sample] skipped: {e}")
             return None
         ids = torch.tensor([tok.encode(t.sample_prompt) or [tok.eot_id]], device=self.device)
+        vocab = min(tok.vocab_size, self.model_args.vocab_size)  # the model may pad beyond the tokenizer
         self.model.eval()
         for _ in range(t.sample_tokens):
             window = ids[:, -self.cfg.data.seq_len:]
-            nxt = self.model(window)[:, -1, : self.model_args.vocab_size].argmax(-1, keepdim=True)
+            nxt = self.model(window)[:, -1, :vocab].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         self.model.train()
         return tok.decode(ids[0].tolist())
