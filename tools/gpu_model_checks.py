@@ -38,9 +38,9 @@ def parity(fixtures: Path) -> list[dict]:
     return rows
 
 
-def loss_and_grads(model, x, y):
+def loss_and_grads(model, x, y, bf16=True):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         loss = model(x, y)
     loss.backward()
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
@@ -72,13 +72,37 @@ def timed(model, x, y, steps=10, warmup=3) -> float:
     return start.elapsed_time(end) / 1000 / steps
 
 
+def fp32_equality(a) -> int:
+    """Same comparisons without autocast: differences are float32 rounding only."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    args = get_preset("cat-150m")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
+    y = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
+    res = {}
+    for key, backend, fused in [("sdpa", "sdpa", "off"), ("flex", "flex", "off"), ("flex_fused", "flex", "on")]:
+        m = build_model(args.replace(attn_backend=backend, fused_ops=fused), device="cuda", seed=0)
+        res[key] = loss_and_grads(m, x, y, bf16=False)
+        del m
+    rows = [compare("fp32 flex vs sdpa", res["sdpa"], res["flex"]),
+            compare("fp32 fused vs plain", res["flex"], res["flex_fused"])]
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--fixtures", type=Path, required=True)
     p.add_argument("--json", type=Path)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--fp32-equality", action="store_true",
+                   help="only compare flex vs SDPA and fused vs plain in float32 (no autocast)")
     a = p.parse_args()
+    if a.fp32_equality:
+        return fp32_equality(a)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["parity"] = parity(a.fixtures)
 
