@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Time cat_titan's real training step: the Trainer of train.py (parallelize, compile, fused
+loss, clipping, optimizer step), fed random tokens, after warm-up.
+
+    python tools/bench_train.py --config configs/cat_150m.yaml [key=value ...] [--steps 20 --warmup 5]
+    torchrun --standalone --nproc_per_node=2 tools/bench_train.py --config configs/cat_150m.yaml \
+        training.global_batch=16
+
+Prints tokens/s per GPU, MFU (registry.flops_per_token over the measured time, peak bf16
+FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory and the spread
+of step times; --json writes them. Runs on CPU too (smoke test, no MFU).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+class RandomTokens:
+    """Stands in for the data loader: uniform random ids, generated on the device."""
+
+    def __init__(self, vocab: int, micro_batch: int, seq_len: int, device, seed: int):
+        self.shape = (micro_batch, seq_len)
+        self.vocab, self.device = vocab, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def next_batch(self):
+        x = torch.randint(0, self.vocab, self.shape, device=self.device, generator=self.gen)
+        return x, torch.roll(x, -1, dims=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+
+    from cat_titan.config import load_config
+    from cat_titan.models.registry import flops_per_token
+    from cat_titan.train.metrics import peak_flops
+    from cat_titan.train.trainer import Trainer, preflight
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(a.config, [*a.overrides, f"job.run_dir={tmp}/run", "checkpoint.resume=never",
+                                     "metrics.tensorboard=false", f"training.steps={a.steps + a.warmup}"])
+        device, _ = preflight(cfg)
+        trainer = Trainer(cfg, device, None)
+        t = cfg.training
+        trainer.loader = RandomTokens(cfg.model.vocab_size, t.micro_batch, cfg.data.seq_len, device,
+                                      t.seed + trainer.pdims.rank)
+        times, sizes = [], []
+        for i in range(a.warmup + a.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = trainer.train_step()
+            float(out["loss"])  # wait for the step, like a logging step would
+            if i >= a.warmup:
+                times.append(time.perf_counter() - t0)
+                sizes += [c for c in out["chunk_sizes"] if c is not None]
+        world = trainer.pdims.world
+        tokens_per_step = t.global_batch * cfg.data.seq_len
+        median = statistics.median(times)
+        tps_gpu = tokens_per_step / median / world
+        if sizes:  # adaptive: average FLOPs over the chunk sizes actually drawn
+            flops = statistics.mean(flops_per_token(trainer.model_args, cfg.data.seq_len, c) for c in sizes)
+        else:
+            flops = flops_per_token(trainer.model_args, cfg.data.seq_len)
+        peak = peak_flops(device)
+        row = {
+            "config": a.config, "overrides": a.overrides, "world": world, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "tokens_per_sec_per_device": tps_gpu,
+            "mfu": tps_gpu * flops / peak if peak else None, "flops_per_token": flops,
+            "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+            "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            "chunk_sizes": sorted(set(sizes)) or None,
+        }
+        if trainer.is_main:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
+            print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
+                  f"peak {mem}, step {median * 1e3:.1f} ms (min {row['step_s_min'] * 1e3:.1f}, "
+                  f"max {row['step_s_max'] * 1e3:.1f}) on {world} x {row['device_name']}", flush=True)
+            if a.json:
+                a.json.write_text(json.dumps(row, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
