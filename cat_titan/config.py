@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 from . import confutil
-from .confutil import ConfigError
 from .models.args import ModelArgs
 from .models.registry import PRESETS, get_preset
 

@@ -64,7 +64,15 @@ class BaseModel(nn.Module):
         self._init_params(Initializer(seed, device))
 
     def _init_params(self, init: Initializer) -> None:
-        raise NotImplementedError
+        """The trunk every model has: token embeddings, blocks, final norm, output head."""
+        from .common import init_stds
+
+        std, out_std = init_stds(self.args.dim, self.args.n_layers)
+        init.normal(self.tok_embeddings.weight, std)
+        for layer in self.layers:
+            layer.init_weights(init, std, out_std)
+        self.head.norm.init_weights(init)
+        init.normal(self.head.output.weight, std)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -146,13 +146,9 @@ class CAT(BaseModel):
         return self.head(h, labels)
 
     def _init_params(self, init) -> None:
-        std, out_std = init_stds(self.args.dim, self.args.n_layers)
+        std, _ = init_stds(self.args.dim, self.args.n_layers)
         self.compressor.init_weights(init)
-        init.normal(self.tok_embeddings.weight, std)
         init.normal(self.cond.weight, std)
         if self.adaptive:
             init.normal(self.separator.weight, std)
-        for layer in self.layers:
-            layer.init_weights(init, std, out_std)
-        self.head.norm.init_weights(init)
-        init.normal(self.head.output.weight, std)
+        super()._init_params(init)

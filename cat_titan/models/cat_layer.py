@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .args import ModelArgs
 from .base import BaseModel, RopeBuffer
-from .common import Attention, OutputHead, TransformerBlock, init_stds
+from .common import Attention, OutputHead, TransformerBlock
 from .masks import CatLayout, cat_attention_mask
 
 
@@ -114,11 +114,3 @@ class CatLayerTransformer(BaseModel):
         if x.shape[1] != L0:
             x = x[:, :L0]
         return self.head(x, labels)
-
-    def _init_params(self, init) -> None:
-        std, out_std = init_stds(self.args.dim, self.args.n_layers)
-        init.normal(self.tok_embeddings.weight, std)
-        for layer in self.layers:
-            layer.init_weights(init, std, out_std)
-        self.head.norm.init_weights(init)
-        init.normal(self.head.output.weight, std)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AttnMask = Union[None, str, Tensor, "BlockMask"]  # None: causal; "full": no mask
+AttnMask = Union[None, str, Tensor, "BlockMask"]  # noqa: F821  None: causal; "full": no mask; else flex/SDPA mask
 
 
 # ----------------------------------------------------------------------------------------

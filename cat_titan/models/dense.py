@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .args import ModelArgs
 from .base import BaseModel, RopeBuffer
-from .common import OutputHead, TransformerBlock, init_stds
+from .common import OutputHead, TransformerBlock
 
 
 class DenseTransformer(BaseModel):
@@ -32,11 +32,3 @@ class DenseTransformer(BaseModel):
         for layer in self.layers:
             x = layer(x, rope, None)
         return self.head(x, labels)
-
-    def _init_params(self, init) -> None:
-        std, out_std = init_stds(self.args.dim, self.args.n_layers)
-        init.normal(self.tok_embeddings.weight, std)
-        for layer in self.layers:
-            layer.init_weights(init, std, out_std)
-        self.head.norm.init_weights(init)
-        init.normal(self.head.output.weight, std)
