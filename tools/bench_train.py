@@ -38,12 +38,28 @@ class RandomTokens:
         return x, torch.roll(x, -1, dims=1)
 
 
+def profile_steps(trainer, device, out: Path, steps: int = 3) -> None:
+    """Trace a few steps; rank r writes trace-r.json and ops-r.txt (top ops by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        for _ in range(steps):
+            float(trainer.train_step()["loss"])
+    rank = trainer.pdims.rank
+    prof.export_chrome_trace(str(out / f"trace-{rank}.json"))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (out / f"ops-{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile", type=Path, help="also trace 3 steps with torch.profiler: chrome trace + top ops table")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
 
@@ -70,6 +86,8 @@ def main() -> int:
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 sizes += [c for c in out["chunk_sizes"] if c is not None]
+        if a.profile:
+            profile_steps(trainer, device, a.profile)
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
         median = statistics.median(times)
