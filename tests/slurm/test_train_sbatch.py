@@ -160,7 +160,8 @@ def test_run_finishes_without_requeue(finished):
     assert [r["step"] for r in metric_rows(job.run_dir)] == list(range(1, STEPS + 1)), job.explain()
     log = job.log()
     assert "1 node(s) x 2 process(es)" in log and "training finished" in log and "requeueing" not in log, log
-    assert "on 2 x cpu" in log, "the trainer did not run on 2 ranks\n" + log  # torchrun gave it both processes
+    meta = json.loads((job.run_dir / "checkpoints" / f"step-{STEPS}" / "meta.json").read_text())
+    assert meta["world_size"] == 2, "the trainer did not run on the 2 processes of the node\n" + log
     copy = job.run_dir / "logs" / f"cat_titan-{job.id}.out"
     assert copy.exists() and "training finished" in copy.read_text(), "no log copy in the run directory"
 
