@@ -2,18 +2,27 @@
 loop { batch -> chunk size -> forward/backward (accumulated) -> clip -> step -> schedule ->
 metrics -> eval -> checkpoint } -> final checkpoint -> sample.
 
-Exit status (documented for launch scripts): 0 finished; 2 bad configuration or run
-directory (nothing was written); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
-(requeue and resume); anything else is a crash.
+Exit status (documented for launch scripts): 0 finished; 2 bad configuration, run
+directory or checkpoint (nothing was written); 75 (EX_TEMPFAIL) stopped by SIGTERM or
+SIGUSR1 after saving a complete checkpoint (requeue: ``checkpoint.resume=auto`` continues
+from it); anything else is a crash.
+
+Preemption: a SIGTERM/SIGUSR1 on any rank sets a flag; at the end of the current step the
+ranks agree on it (an all-reduce every step, so a signal that reached only one rank
+stops all of them), save step N synchronously and exit 75. Signals during the save only set
+the flag again, they do not interrupt it. A signal that arrives after the last step lets the
+run finish normally (exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,7 +37,7 @@ from ..models.registry import build_model, flops_per_token
 from ..parallel.mesh import ParallelDims, build_parallel_dims
 from ..parallel.parallelize import param_groups, parallelize, refuse_unsupported
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
-                         load_model_weights, read_meta, resolve_resume)
+                         load_model_weights, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
 from .metrics import MetricsLogger, peak_flops
 
@@ -60,13 +69,18 @@ def lr_lambda(cfg: Config):
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop agrees on it across ranks at step boundaries.
-    A second signal only sets the flag again: a save in progress is never interrupted."""
+    """SIGTERM/SIGUSR1 set a flag; the loop agrees on it across ranks at step boundaries
+    (``Trainer._agree``). A second signal only sets the flag again: a save in progress is
+    never interrupted. ``close`` puts back the handlers that were installed before."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         if not self.requested:
@@ -74,10 +88,10 @@ class Preemption:
                   file=sys.stderr, flush=True)
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -91,30 +105,54 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def init_source(cfg: Config) -> Optional[Path]:
+    """checkpoint.init_from resolved: a weights file, a checkpoint, or a run's newest checkpoint."""
+    if not cfg.checkpoint.init_from:
+        return None
+    from ..export import resolve_checkpoint
+
+    src = Path(cfg.checkpoint.init_from)
+    if not src.exists():
+        raise CheckpointError(f"checkpoint.init_from={src}: no such file or directory")
+    return src if src.is_file() else resolve_checkpoint(src)
+
+
 def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
-    """Every check that needs no process group, run before anything is created or written."""
+    """Every check that needs no process group, run before anything is created or written:
+    the checkpoint to resume from (complete, not corrupt, same model shape) or the weights of
+    checkpoint.init_from (same model shape)."""
+    from ..export import ExportError, exported_model_args
+
     device = resolve_device(cfg)
     problem = refuse_unsupported(device.type, cfg.parallelism.tp, cfg.training.compile)
     if problem:
         raise ConfigError([problem])
+    args = cfg.model.args()
     try:
         resume = resolve_resume(cfg.job.run_dir, cfg.checkpoint.resume)
         if resume is not None:
-            check_model_matches(resume, cfg.model.args().shape_dict())
-        if cfg.checkpoint.init_from:
-            src = Path(cfg.checkpoint.init_from)
-            if not src.exists():
-                raise CheckpointError(f"checkpoint.init_from={src}: no such file or directory")
+            check_model_matches(resume, args)
+        elif (src := init_source(cfg)) is not None:  # a resumed run continues from its own checkpoint
             if src.is_dir():
-                check_model_matches(src, cfg.model.args().shape_dict())
-    except CheckpointError as e:
+                check_model_matches(src, args)
+            else:
+                diff = shape_differences(exported_model_args(src), args)
+                if diff:
+                    raise CheckpointError(
+                        f"checkpoint.init_from={src} holds weights of a different model ("
+                        + ", ".join(f"model.{k}: file {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+                        + "); use the file's model settings")
+    except (CheckpointError, ExportError) as e:
         raise ConfigError([str(e)]) from e
     return device, resume
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device, resume: Optional[Path]):
+    def __init__(self, cfg: Config, device: torch.device, resume: Optional[Path],
+                 preemption: Optional[Preemption] = None):
         self.cfg = cfg
+        self._owns_preemption = preemption is None
+        self.preemption = preemption if preemption is not None else Preemption()
         t = cfg.training
         p = cfg.parallelism
         self.pdims: ParallelDims = build_parallel_dims(p.dp_replicate, p.dp_shard, p.tp, device)
@@ -149,7 +187,7 @@ class Trainer:
         model.to_empty(device=device)
         model.init_weights(seed=t.seed, device=device)
         if cfg.checkpoint.init_from and resume is None:
-            load_model_weights(model, Path(cfg.checkpoint.init_from))
+            load_model_weights(model, init_source(cfg))
         self.model = model
 
         o = cfg.optimizer
@@ -165,29 +203,76 @@ class Trainer:
         self.curriculum = build_curriculum(self.model_args, cfg.curriculum, t.seed)
         self.state = TrainState(self.scheduler, self.loader, self.curriculum)
 
+        from .. import __version__
+
         meta = {"config": confutil.to_dict(cfg), "model_shape": self.model_args.shape_dict(),
                 "model_args": confutil.to_dict(self.model_args), "tokenizer": self.tokenizer_spec,
-                "world_size": self.pdims.world, "torch": torch.__version__}
+                "tokenizer_info": self.train_data.manifest["tokenizer"], "data_dir": str(self.data_dir),
+                "data_fingerprint": self.train_data.fingerprint, "world_size": self.pdims.world,
+                "layout": {"dp_replicate": self.pdims.dp_replicate, "dp_shard": self.pdims.dp_shard,
+                           "tp": self.pdims.tp, "fsdp": use_fsdp},
+                "torch": torch.__version__, "cat_titan": __version__}
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                                          async_save=cfg.checkpoint.async_save, is_main=self.is_main, meta=meta,
                                          async_group=dist.new_group(backend="gloo") if cfg.checkpoint.async_save
                                          else None)
         if resume is not None:
-            read_meta(resume)
-            Checkpointer.load(resume, self._stateful())
-            if self.is_main:
-                print(f"[checkpoint] resumed from {resume} at step {self.state.step}", flush=True)
+            from ..data.shards import DataError
+
+            try:
+                Checkpointer.load(resume, self._stateful())
+            except (CheckpointError, DataError) as e:  # nothing is written yet
+                raise ConfigError([f"cannot resume from {resume}: {e}"]) from e
+            self.log(f"[checkpoint] resumed from {resume} at step {self.state.step}")
 
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            if resume is not None:
+                self._drop_metrics_after(self.state.step)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, cfg.metrics.tensorboard, cfg.metrics.progress,
                                      t.steps)
-        self.preemption = Preemption()
         self.peak = peak_flops(device)
 
     def _stateful(self) -> dict:
         return {"app": ModelOptim(self.model, self.optimizer), "train": self.state}
+
+    def _save(self, blocking: bool = False) -> None:
+        self.checkpointer.save(self.state.step, self._stateful(), {"tokens_seen": self.state.tokens_seen},
+                               blocking=blocking)
+
+    def _agree(self) -> tuple[bool, bool]:
+        """One all-reduce per step: (a preemption signal reached some rank, every rank has
+        written its part of the pending async save)."""
+        flags = torch.tensor([float(self.preemption.requested), float(not self.checkpointer.pending_done_locally())],
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item() > 0), bool(flags[1].item() == 0)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """metrics.jsonl holds one row per logged step: rows an interrupted attempt logged after
+        the checkpoint it is resumed from are logged again, so the old ones go (with a line
+        cut short by a crash)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+            self.log(f"[checkpoint] metrics.jsonl: dropped {dropped} rows logged after step {step} by the "
+                     f"interrupted attempt")
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -280,6 +365,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self._owns_preemption:
+                self.preemption.close()
+
+    def _run(self) -> int:
         cfg, t = self.cfg, self.cfg.training
         self.model.train()
         start_step = self.state.step
@@ -323,17 +415,23 @@ class Trainer:
                 self.metrics.show_progress(step, float("nan"))
             if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
                 self.metrics.log_eval(step, self.evaluate())
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
-                self.checkpointer.save(step, self._stateful())
-            if self.preemption.agreed(self.device):
-                self.checkpointer.save(step, self._stateful())
-                self.checkpointer.wait()
+            preempted, saves_written = self._agree()
+            if self.checkpointer.pending and saves_written:
+                self.checkpointer.finalize_pending()  # marker only once every rank's shards are on disk
+            if preempted and step < t.steps:
+                self._save(blocking=True)
+                self.checkpointer.close()
+                self.metrics.close()
                 self.log(f"[preemption] checkpoint saved at step {step}; exiting with status {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
-        self.metrics.log_eval(self.state.step, self.evaluate())
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
+                self._save()
+        # The final checkpoint before the final evaluation and sample: a preemption during
+        # those loses nothing.
         if cfg.checkpoint.save_final:
-            self.checkpointer.save(self.state.step, self._stateful())
-        self.checkpointer.wait()
+            self._save(blocking=True)
+        self.checkpointer.close()
+        self.metrics.log_eval(self.state.step, self.evaluate())
         text = self.sample()
         if text is not None:
             self.log("sample: " + repr(text))
@@ -356,19 +454,17 @@ def main(argv=None) -> int:
     if a.help_config:
         print(confutil.describe(Config))
         return EXIT_OK
+    owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
+    preemption = Preemption()  # before the slow setup: a stop signal during it is honoured after step 1
     try:
         cfg = load_config(a.config, a.overrides)
         device, resume = preflight(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
-    try:
-        trainer = Trainer(cfg, device, resume)
+        trainer = Trainer(cfg, device, resume, preemption)
         return trainer.run()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        preemption.close()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
