@@ -2,23 +2,44 @@
 
 Order (torchtitan's, for the same reasons):
 1. tensor parallel first: it replaces parameters with DTensors on the TP mesh, which
-   every later step must see;
+   every later step must see (plans in tp.py);
 2. activation checkpointing wraps whole blocks, so recomputation covers the TP collectives;
 3. per-block ``torch.compile`` in place (no ``_orig_mod.`` in checkpoint keys), around the
    checkpoint wrapper so the recomputation is compiled too (FlexAttention stays compiled
    under selective checkpointing);
 4. FSDP2 last, per block and then the root, so each block's all-gather can be prefetched
-   while the previous block computes; it shards whatever the earlier steps produced.
+   while the previous block computes; it shards whatever the earlier steps produced (with
+   TP: 2-D (dp_shard, tp) or, under HSDP, 3-D (dp_replicate, dp_shard, tp) parameters).
+
+Sequence parallel (decided here): on for every decoder stack (dense, CAT decoder, hybrid),
+off for the CAT compressor (its (B*K, prefix + c) batch changes shape with each chunk size
+and is a small share of the activations). The CAT decoder's sequence [K+1 prefix slots |
+L tokens] need not divide tp, so CAT decoders are *padded*: ``decoder_pad_multiple`` is
+raised to a multiple of tp (pad positions attend only to themselves and their outputs are
+dropped: results are unchanged, and every training shard is even). Dense and hybrid
+stacks shard the token sequence as it comes; a length that tp does not divide (sampling)
+gives uneven shards, which DTensor's collectives pad internally.
+
+Loss parallel: under TP the head's logits are sharded by vocabulary; inside
+``loss_parallel_context`` (the trainer wraps forward and backward in it) the cross-entropy
+runs on the shards; elsewhere (evaluation, sampling) the logits are gathered. liger's fused
+linear cross-entropy (CUDA) needs the whole vocabulary weight, so it is switched off under
+TP; the other liger kernels keep running on local tensors, except the sequence-parallel
+norms, which compute on DTensors (plain path; inductor fuses it under compile).
+
+Refused at start (``refuse_unsupported``): tp > 1 with torch.compile on CPU.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from .mesh import ParallelDims
+from .tp import apply_tp, loss_parallel_context  # noqa: F401  (loss_parallel_context: for the trainer)
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -31,9 +52,11 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def refuse_unsupported(device_type: str, tp: int, compile_: bool) -> Optional[str]:
     """Combinations known to compute wrong results or crash: refuse them at start."""
-    if tp > 1:
-        return ("parallelism.tp > 1: tensor parallelism is not implemented yet in this version; "
-                "use parallelism.tp=1 (FSDP/HSDP data parallelism works)")
+    if tp > 1 and compile_ and device_type == "cpu":
+        return (f"parallelism.tp={tp} with training.compile=true is not supported on CPU: with torch "
+                f"{torch.__version__.split('+')[0]} torch.compile of tensor-parallel blocks crashes in backward, and "
+                f"FSDP x TP compiled gave a wrong embedding gradient (eager is exact); set training.compile=false "
+                f"or parallelism.tp=1")
     return None
 
 
@@ -41,8 +64,9 @@ def refuse_unsupported(device_type: str, tp: int, compile_: bool) -> Optional[st
 # activation checkpointing
 # ---------------------------------------------------------------------------------------
 def _selective_policy():
-    """Op-level selective checkpointing: keep matmul and attention outputs, recompute the
-    cheap elementwise ops (norms, activations, RoPE)."""
+    """Op-level selective checkpointing: keep matmul and attention outputs (SDPA kernels and
+    FlexAttention's higher-order op) and the outputs of TP reductions, recompute the cheap
+    elementwise ops (norms, activations, RoPE) and the all-gathers."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
@@ -50,7 +74,9 @@ def _selective_policy():
             aten._scaled_dot_product_efficient_attention.default,
             aten._scaled_dot_product_flash_attention.default,
             aten._scaled_dot_product_cudnn_attention.default,
-            aten._scaled_dot_product_flash_attention_for_cpu.default}
+            aten._scaled_dot_product_flash_attention_for_cpu.default,
+            torch.ops._c10d_functional.reduce_scatter_tensor.default,
+            torch.ops._c10d_functional.all_reduce.default}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         save.add(flex)
@@ -83,14 +109,24 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> None:
 # ---------------------------------------------------------------------------------------
 # compile and FSDP
 # ---------------------------------------------------------------------------------------
+def recompile_limit(model: nn.Module) -> int:
+    """Graphs each compiled block kind may need: one per chunk size (adaptive CATs change the
+    compressor's and decoder's shapes with it), times grad mode (training / evaluation),
+    times the kinds of block sharing the compiled frame, plus slack for other lengths
+    (sampling; automatic dynamic shapes then make one graph cover them)."""
+    sizes = max(1, len(model.args.chunk_sizes))
+    kinds = {(type(b), type(getattr(b, "_checkpoint_wrapped_module", b))) for blocks in block_lists(model)
+             for b in blocks}
+    return 2 * sizes * len(kinds) + 8
+
+
 def apply_compile(model: nn.Module) -> None:
     from torch._dynamo import config as dynamo_config
 
-    # Adaptive CATs run one graph per chunk size; the curriculum must not hit the limit.
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, recompile_limit(model))
     for blocks in block_lists(model):
         for block in blocks:
-            block.compile()
+            block.compile()  # in place: parameter names keep no "_orig_mod." prefix
 
 
 def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
@@ -111,17 +147,49 @@ def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
 
 
 def parallelize(model: nn.Module, pdims: ParallelDims, *, compile_: bool, ac: str, ac_every: int,
-                param_dtype: torch.dtype, use_fsdp: bool, reshard_after_forward: str = "default") -> nn.Module:
+                param_dtype: torch.dtype, use_fsdp: bool, reshard_after_forward: str = "default",
+                sequence_parallel: bool = True) -> nn.Module:
     """TP -> activation checkpointing -> per-block compile -> FSDP (see the module docstring)."""
     problem = refuse_unsupported(pdims.device.type, pdims.tp, compile_)
     if problem:
         raise ValueError(problem)
+    if pdims.tp > 1:
+        apply_tp(model, pdims.tp_mesh, sequence_parallel)
+        if sequence_parallel and model.args.kind in ("cat", "cat_adaptive"):
+            model.decoder_pad_multiple = math.lcm(model.decoder_pad_multiple, pdims.tp)
     apply_ac(model, ac, ac_every)
     if compile_:
         apply_compile(model)
     if use_fsdp:
         apply_fsdp(model, pdims, param_dtype, reshard_after_forward)
     return model
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm in place and return it as a plain scalar tensor.
+
+    Gradients may be plain tensors or DTensors on any meshes. A gradient whose placements
+    differ from its parameter's (partial sums of replicated norm weights under sequence
+    parallel, when no FSDP reduces them) is first reduced to the parameter's placements, so
+    the optimizer sees the true gradient."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    by_mesh: dict = {}
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+            g = p.grad = g.redistribute(placements=p.placements)
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for grads in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(grads)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if not norms:
+        return torch.zeros(())
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
