@@ -35,7 +35,8 @@ from ..config import Config, load_config, save_config
 from ..confutil import ConfigError
 from ..models.registry import build_model, flops_per_token
 from ..parallel.mesh import ParallelDims, build_parallel_dims
-from ..parallel.parallelize import param_groups, parallelize, refuse_unsupported
+from ..parallel.parallelize import (clip_grad_norm_, loss_parallel_context, param_groups, parallelize,
+                                    refuse_unsupported)
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
                          load_model_weights, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
@@ -293,13 +294,11 @@ class Trainer:
             x, y = self.loader.next_batch()
             c = self.curriculum.chunk_size(step, micro, self.accum) if self.curriculum else None
             sizes.append(c)
-            loss = self.model(x, y, chunk_size=c) / self.accum
-            loss.backward()
+            with loss_parallel_context():  # TP: the loss runs on vocabulary-sharded logits
+                loss = self.model(x, y, chunk_size=c) / self.accum
+                loss.backward()
             total += loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(total))
         skipped = False
         if not finite:
