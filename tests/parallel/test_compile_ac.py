@@ -1,0 +1,74 @@
+"""Single-process checks of the wrappers parallelize() applies: in-place compile keeps
+state-dict keys, the recompile limit covers every adaptive chunk size, and op-level
+selective checkpointing saves matmul/attention outputs and recomputes the rest.
+(Numerical equality of every AC mode, and compile under FSDP, run on gloo in test_tp.py.)"""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cat_titan.models.registry import build_model, get_preset
+from cat_titan.parallel.parallelize import apply_ac, apply_compile, recompile_limit, refuse_unsupported
+
+DEBUG = ["debug-dense", "debug-cat", "debug-cat-adaptive", "debug-hybrid"]
+
+
+@pytest.mark.parametrize("ac", ["none", "full", "every_n", "selective"])
+def test_compile_in_place_keeps_state_dict_keys(ac):
+    from torch._dynamo import config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=8):  # apply_compile raises the global limit
+        for name in DEBUG:
+            model = build_model(get_preset(name), device="meta")
+            keys = list(model.state_dict())
+            apply_ac(model, ac, 2)
+            apply_compile(model)
+            assert list(model.state_dict()) == keys, name
+            assert not any("_orig_mod" in k for k in model.state_dict())
+            assert dynamo_config.recompile_limit >= recompile_limit(model) > 8
+    adaptive = build_model(get_preset("debug-cat-adaptive"), device="meta")
+    apply_ac(adaptive, "every_n", 2)  # wrapped and plain blocks: more kinds of block
+    # one graph per chunk size (1, 2, 4, 8), per grad mode, per kind of block
+    assert recompile_limit(adaptive) >= 4 * 2 * 3
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counts(name, ac):
+    model = build_model(get_preset(name), seed=0)
+    apply_ac(model, ac, 2)
+    x = torch.randint(0, 256, (1, 16))
+    with OpCounter() as counter:
+        model(x, x).backward()
+    return counter.counts
+
+
+@pytest.mark.parametrize("name", ["debug-cat", "debug-hybrid"])
+def test_selective_checkpointing_saves_matmuls_and_attention(name):
+    none, full, sel = (_counts(name, ac) for ac in ("none", "full", "selective"))
+    attn = "_scaled_dot_product_flash_attention_for_cpu"
+    assert none[attn] > 0
+    # full recomputes whole blocks: matmuls and attention run again in backward
+    assert full["mm"] > none["mm"] and full[attn] > none[attn]
+    # selective keeps them: the same matmuls and attention calls as without checkpointing ...
+    assert sel["mm"] == none["mm"] and sel[attn] == none[attn]
+    # ... and recomputes the cheap ops (RMSNorm's rsqrt, SwiGLU's silu)
+    assert sel["rsqrt"] > none["rsqrt"] and sel["silu"] > none["silu"]
+
+
+def test_refusals():
+    msg = refuse_unsupported("cpu", 2, True)
+    assert "parallelism.tp=2 with training.compile=true is not supported on CPU" in msg
+    assert refuse_unsupported("cpu", 2, False) is None
+    assert refuse_unsupported("cpu", 1, True) is None
+    assert refuse_unsupported("cuda", 2, True) is None  # not measured to fail on CUDA
