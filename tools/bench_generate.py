@@ -17,23 +17,27 @@ tokens/s = batch * gen-len / (prefill + decode time), measured after a warm-up r
 same runner (compiled graphs and caches are reused). Peak memory is
 torch.cuda.max_memory_allocated over the timed run on CUDA; on CPU the process's peak
 resident set size so far (it only grows across configurations, so it is an upper bound).
+The measuring code is cat_titan.infer.bench (tools/evaluate.py uses it too).
+
+--profile DIR: after timing, profile --profile-steps decode steps of each configuration with
+torch.profiler and write DIR/<config>.trace.json (chrome trace), DIR/<config>.top.md (top
+kernels per step, host CUDA calls and synchronisations per step, the compiled graph's kernel
+and temporary-buffer counts) and DIR/<config>.graphs.py (inductor's code of the decode step),
+plus DIR/summary.md / summary.json over all configurations (cat_titan.infer.profiling).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cat_titan.infer import generate, make_runner  # noqa: E402
+from cat_titan.infer.bench import SpeedConfig, build_runner, measure_generation, random_prompts  # noqa: E402
 from cat_titan.models.registry import build_model, get_preset  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,53 +65,27 @@ def _configs(a) -> list[tuple[str, str, object, int | None]]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device) -> dict:
-    gc.collect()  # the previous configuration's runner sits in a reference cycle
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device) -> tuple[dict, object]:
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
-    C = gen_chunk or (args.chunk_size if args.kind != "dense" else 0)
-    B, P, n = a.batch, a.prompt_len, a.gen_len
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, args.vocab_size, (B, P), generator=g)
-    runner = make_runner(model, B, P + n, C)
-    if a.compile:
-        runner.compile_step(mode="reduce-overhead" if a.cuda_graphs else None)
-    kw = dict(chunk_size=gen_chunk, runner=runner)
-    # Warm-up: long enough to cross a chunk boundary, so both step variants get compiled.
-    t0 = time.perf_counter()
-    generate(model, prompts, min(n, 2 * max(C, 1) + 2), **kw)
-    _sync(device)
-    warm_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(a.repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        generate(model, prompts, n, **kw)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    sec = min(times)
-    res = dict(model=label, preset=preset, kind=args.kind, chunk_size=C or None, batch=B, prompt_len=P, gen_len=n,
-               dtype=a.dtype, compile=a.compile, cuda_graphs=a.cuda_graphs, seconds=sec,
-               tokens_per_s=B * n / sec, ms_per_step=1e3 * sec / n, warmup_s=warm_s,
-               cache_mib=runner.cache_bytes() / 2**20, cache_columns=max(c.columns for c in runner.caches()),
-               peak_mem_gib=_peak_gib(device),
-               peak_mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS")
-    return res
+    cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
+                      cuda_graphs=a.cuda_graphs, repeat=a.repeat)
+    runner = build_runner(model, cfg, gen_chunk)
+    if a.profile:  # keep the code of the graphs the warm-up compiles
+        from cat_titan.infer.profiling import capture_graph_code
+
+        with capture_graph_code() as codes:
+            res = measure_generation(model, cfg, gen_chunk, runner=runner)
+    else:
+        res = measure_generation(model, cfg, gen_chunk, runner=runner)
+    res = dict(model=label, preset=preset, **res)
+    res["dtype"] = a.dtype
+    if a.profile:
+        from cat_titan.infer.profiling import profile_generation
+
+        steps = min(a.gen_len, a.profile_steps)
+        res["profile"] = profile_generation(model, runner, random_prompts(model, cfg), steps, gen_chunk, a.profile,
+                                            label, graph_codes=codes)
+    return res, model
 
 
 def _table(rows: list[dict]) -> str:
@@ -135,26 +113,37 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="write a torch.profiler trace, a top-kernels table and the compiled graph per configuration")
+    p.add_argument("--profile-steps", type=int, default=64, help="decode steps profiled per configuration (64)")
     a = p.parse_args(argv)
-    if a.batch < 1 or a.prompt_len < 1 or a.gen_len < 1 or a.repeat < 1:
-        p.error("--batch, --prompt-len, --gen-len and --repeat must be >= 1")
+    if a.batch < 1 or a.prompt_len < 1 or a.gen_len < 1 or a.repeat < 1 or a.profile_steps < 1:
+        p.error("--batch, --prompt-len, --gen-len, --repeat and --profile-steps must be >= 1")
+    if a.cuda_graphs and not a.compile:
+        p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     rows = []
     for label, preset, args, gen_chunk in _configs(a):
-        r = bench_one(a, label, preset, args, gen_chunk, device)
+        r, model = bench_one(a, label, preset, args, gen_chunk, device)
+        del model
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile}, cuda graphs {a.cuda_graphs}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
+    if a.profile:
+        from cat_titan.infer.profiling import write_index
+
+        write_index([r["profile"] for r in rows], a.profile)
+        print(f"profiles: {a.profile}/summary.md (per configuration: *.top.md, *.trace.json, *.graphs.py)")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
         a.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "args": cfg, "results": rows},
-                                     indent=2))
+                                     indent=2, default=str))
     return 0
 
 

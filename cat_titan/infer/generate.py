@@ -21,9 +21,10 @@ new tokens); CAT ``(L // C + 1) * (2 if adaptive else 1) + C (+1)`` for L = P + 
 
 Compilation: ``compile=True`` (or a torch.compile mode, e.g. 'reduce-overhead' for CUDA
 graphs) compiles the decode step of the runner; it has static shapes (preallocated caches,
-scatter writes, masks from index comparisons) and at most two variants per model (with and
-without a chunk completing). The prefill runs eagerly (FlexAttention on CUDA); a CAT's
-compressor runs on the rows completing a chunk, compiled with a dynamic batch. To reuse
+in-place indexed writes, masks from index comparisons) and at most three variants per
+model (no chunk completes; every row completes one, the compressor inside the step; some
+rows complete one). The prefill runs eagerly (FlexAttention on CUDA); when only some rows
+complete a chunk, the compressor runs on them first, compiled with a dynamic batch. To reuse
 compiled graphs and caches across calls, build a runner once with
 ``make_runner(model, batch, max_len, chunk_size)`` and pass ``runner=``. On an H200
 (torch 2.11) the compiled and CUDA-graph steps give the eager tokens
@@ -69,7 +70,7 @@ def _as_lists(prompts: Prompts) -> list[list[int]]:
     return [list(p) for p in prompts]
 
 
-def _chunk_size(model, chunk_size: Optional[int]) -> int:
+def runner_chunk_size(model, chunk_size: Optional[int]) -> int:
     """The chunk size the runner needs (0 for dense models)."""
     kind = model.args.kind
     if kind == "cat_adaptive":
@@ -119,7 +120,7 @@ class Generation:
                              f"(at most {args.block_size - lengths[i]})")
         self.batch = B = len(self.prompts)
         self.max_len = max(lengths) + max_new_tokens
-        C = _chunk_size(model, chunk_size)
+        C = runner_chunk_size(model, chunk_size)
         if runner is None:
             runner = make_runner(model, B, self.max_len, C)
             if compile:

@@ -27,10 +27,19 @@ new slot fx_{k+1} (adaptive: fx_{k+1} then sep_{k+1}) is the decoder query whose
 predicts the next token, exactly as ``out_index`` in masks.py says.
 
 Static shapes: a step has a fixed query length T (1; adaptive CATs use T=2 on steps where
-some row completes a chunk), every write is a ``scatter_`` at per-row columns and every
-visibility rule a comparison against per-column tables, so ``_decode`` traces once per
+some row completes a chunk), every write is an indexed assignment at per-row columns and
+every visibility rule a comparison against per-column tables, so ``_decode`` traces once per
 (T, completes-a-chunk) variant under ``torch.compile``. Caches are zero-initialised:
 a masked column still enters SDPA's matmuls, and NaN * 0 would poison the row.
+
+Cache writes are ``cache[rows, :, cols] = kv`` (``index_put_``), never ``scatter_``: under
+torch.compile, functionalisation turns an in-place ``scatter_`` on a graph input into an
+out-of-place ``scatter`` plus a copy back, and inductor does not re-inplace ``scatter`` (it
+does ``index_put``). The compiled step then wrote two new cache-sized buffers per layer,
+attended over those copies and copied them back: about 4x the cache's bytes of extra memory
+traffic every step, which dominated the dense model's decode step (its cache is ~5 GB at
+batch 64 x 2048). tests/infer/test_decode_graph.py checks the compiled graph for
+cache-sized temporaries.
 """
 
 from __future__ import annotations
@@ -103,9 +112,10 @@ class KVCache(nn.Module):
         """One decode step: x (B, T, D) -> (B, T, D). Writes each query's K/V at its column
         cols (B, T) first, so queries of this step see each other as the mask allows."""
         q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
-        idx = cols[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
+        rows = _rows(cols)
+        # In place under torch.compile too (index_put_, see the module docstring).
+        self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
+        self.v[rows, :, cols] = v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask,
                                            enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
         return attn_output(attn, y)
@@ -186,6 +196,11 @@ def step_queries(pos: Tensor, cols: SlotColumns, completes: bool, rope_base: int
     return done, kind, group, phase, col, rope
 
 
+def _rows(index: Tensor) -> Tensor:
+    """(B, 1) row numbers, to pair with per-row column indices (B, T) in an indexed write."""
+    return torch.arange(index.shape[0], device=index.device)[:, None]
+
+
 def _rope_at(table, ids: Tensor) -> tuple[Tensor, Tensor]:
     """RoPE tables at per-row ids (B, T) -> (B, 1, T, n) each (broadcast over heads)."""
     return table.cos[ids][:, None], table.sin[ids][:, None]
@@ -235,6 +250,12 @@ class Runner(nn.Module):
             self._cuda_graphs = True
             for buf in self.buffers():
                 torch._dynamo.mark_static_address(buf)
+        # Graphs are per code object: every runner of a class (each chunk size of an adaptive
+        # CAT, each batch) adds its variants to the same count. Past dynamo's limit (8) a new
+        # variant would silently run eagerly.
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self._compiled["decode"] = torch.compile(type(self)._decode_impl, mode=mode, dynamic=False, **kw)
 
     def completes(self, pos_host: Tensor) -> bool:
@@ -257,6 +278,12 @@ class CatRunner(Runner):
     """Fixed and adaptive CATs: the decoder caches only slots + the current chunk.
 
     Besides the K/V, each row keeps its current chunk's token ids (B, C) for the compressor.
+    When every row completes its chunk at the same step (equal prompt lengths, the usual
+    batch), the compressor runs inside the compiled decode step (one graph, one CUDA graph
+    replay); otherwise the completing rows are compressed first and their slots passed in.
+    An adaptive CAT's output projection resized to C (a bilinear interpolation of the whole
+    ``proj_fx`` weight, which the model's forward recomputes every call) is computed once per
+    generation, at the prefill.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device):
@@ -268,6 +295,11 @@ class CatRunner(Runner):
         self.kv = nn.ModuleList(KVCache(layer.attention, batch, self.cols.length, dtype, device)
                                 for layer in model.layers)
         self.register_buffer("chunk", torch.zeros(batch, C, dtype=torch.long, device=device), persistent=False)
+        comp = model.compressor
+        self.resized_proj = self.adaptive and C != model.args.chunk_size
+        if self.resized_proj:
+            shape = (comp.proj_fx.weight.shape[0], C * comp.args.compressor_dim)
+            self.register_buffer("proj", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def compile_step(self, mode: Optional[str] = None, **kw) -> None:
         super().compile_step(mode, **kw)
@@ -281,6 +313,8 @@ class CatRunner(Runner):
     def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         m, C = self.model, self.chunk_size
         B, Lp = tokens.shape  # Lp: a multiple of C
+        if self.resized_proj:
+            self.proj.copy_(m.compressor.proj_weight(C))  # (dim_fx, C * Dc)
         x, layout = m.decoder_inputs(tokens, C)  # (B, S, D): [slots | tokens | pad]
         tables = layout.tables(x.device)
         cos, sin = m.rope.gather(tables.rope_pos)
@@ -314,26 +348,31 @@ class CatRunner(Runner):
         for layer in comp.layers:
             x = layer(x, rope, "full")
         x = comp.norm(x)[:, comp.n_prefix:].reshape(n, C * dim)  # (n, C*Dc)
-        return F.linear(x, comp.proj_weight(C))  # (n, D)
+        return F.linear(x, self.proj if self.resized_proj else comp.proj_weight(C))  # (n, D)
+
+    def _write_chunk(self, tok: Tensor, pos: Tensor) -> None:
+        self.chunk[_rows(pos), (pos % self.chunk_size)[:, None]] = tok[:, None]  # (B, 1) into (B, C)
 
     def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
         C = self.chunk_size
-        phase = (pos % C)[:, None]
-        self.chunk.scatter_(1, phase, tok[:, None])
-        fx = None
-        if self.completes(pos_host):
-            done_host = (pos_host % C) == C - 1
-            if bool(done_host.all()):  # aligned batches: every row at once, no gather
-                fx = self._compress(self.chunk, pos // C)
-            else:
-                rows = done_host.nonzero().flatten().to(pos.device, non_blocking=True)
-                part = self._compress(self.chunk.index_select(0, rows), pos.index_select(0, rows) // C)
-                fx = part.new_zeros(tok.shape[0], part.shape[1]).index_copy(0, rows, part)  # (B, D)
-        return self._decode(tok, pos, fx)
+        if not self.completes(pos_host):
+            return self._decode(tok, pos, None, False)
+        done_host = (pos_host % C) == C - 1
+        if bool(done_host.all()):  # aligned batches: every row at once, compressed inside the step
+            return self._decode(tok, pos, None, True)
+        self._write_chunk(tok, pos)
+        rows = done_host.nonzero().flatten().to(pos.device, non_blocking=True)
+        part = self._compress(self.chunk.index_select(0, rows), pos.index_select(0, rows) // C)
+        fx = part.new_zeros(tok.shape[0], part.shape[1]).index_copy(0, rows, part)  # (B, D)
+        return self._decode(tok, pos, fx, False)
 
-    def _decode_impl(self, tok: Tensor, pos: Tensor, fx: Optional[Tensor]) -> Tensor:
-        """tok, pos (B,); fx (B, D) for rows that complete a chunk (None when none does)."""
+    def _decode_impl(self, tok: Tensor, pos: Tensor, fx: Optional[Tensor], compress_all: bool) -> Tensor:
+        """tok, pos (B,); fx (B, D) for rows that complete a chunk (None when none does, or
+        when every row does: compress_all compresses the whole batch here)."""
         m = self.model
+        self._write_chunk(tok, pos)  # (again, when step() already wrote it for a partial compression)
+        if compress_all:
+            fx = self._compress_impl(self.chunk, pos // self.chunk_size)  # (B, D)
         x_tok = m.tok_embeddings(tok)  # (B, D)
         done, kind, group, phase, col, rope = step_queries(pos, self.cols, fx is not None, self.cols.stride)
         x = x_tok if done is None else torch.where(done[:, None], fx, x_tok)
@@ -444,7 +483,7 @@ class StackRunner(Runner):
             done, kind, group, phase, col, rope = step_queries(pos, self.cols, completes, 1)
             cat_mask = self.cols.mask(kind[:, None], group[:, None], phase[:, None])  # (B, 1, 1, N)
             cat_cos, cat_sin = _rope_at(m.cat_rope, rope[:, None])
-            hidden_idx = phase[:, None, None].expand(-1, 1, m.args.dim)  # (B, 1, D)
+            hidden_rows, hidden_phase = _rows(phase), phase[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
                 def attention(u, layer=layer, cache=cache):
@@ -453,7 +492,7 @@ class StackRunner(Runner):
                 def attention(u, i=i, layer=layer, cache=cache):
                     ca = layer.attention
                     buf = self._hidden(i)
-                    buf.scatter_(1, hidden_idx, u)  # (B, C, D): this chunk's normed inputs so far
+                    buf[hidden_rows, hidden_phase] = u  # (B, 1, D) into (B, C, D): the chunk's normed inputs so far
                     h = ca.expand(u)  # (B, 1, Dfx)
                     if done is not None:
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
