@@ -49,6 +49,38 @@ Plan = dict[str, ParallelStyle]
 # ---------------------------------------------------------------------------------------
 # styles
 # ---------------------------------------------------------------------------------------
+def _sync_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+    x = inputs[0]
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, device_mesh, input_layouts, run_check=False)
+    if input_layouts != desired_input_layouts:
+        x = x.redistribute(placements=desired_input_layouts)
+    return x
+
+
+def _sync_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+    if outputs.placements != output_layouts:
+        outputs = outputs.redistribute(placements=output_layouts)
+    return outputs.to_local() if use_local_output else outputs
+
+
+class Colwise(ColwiseParallel):
+    """torch's ColwiseParallel with redistributions that complete before they return. torch's
+    run asynchronously, and a compiled block then returns DTensors wrapping
+    AsyncCollectiveTensors, which AOTAutograd's backward rejects ("Expected a
+    AsyncCollectiveTensor tangent but got a plain Tensor"; torch 2.13, measured on CPU)."""
+
+    _prepare_input_fn = staticmethod(_sync_input_fn)
+    _prepare_output_fn = staticmethod(_sync_output_fn)
+
+
+class Rowwise(RowwiseParallel):
+    """torch's RowwiseParallel with synchronous redistributions (see ``Colwise``)."""
+
+    _prepare_input_fn = staticmethod(_sync_input_fn)
+    _prepare_output_fn = staticmethod(_sync_output_fn)
+
+
 _LOCAL_CLASSES: dict[tuple, type] = {}
 
 
@@ -102,7 +134,14 @@ class LocalParams(ParallelStyle):
 class SequenceParallelNorm(SequenceParallel):
     """torch's SequenceParallel for RMSNorm: the norm runs on DTensors sharded on the sequence;
     liger's fused RMSNorm takes plain tensors only, so these norms use the plain path
-    (inductor fuses it under compile)."""
+    (inductor fuses it under compile). Its input is the residual stream, a DTensor."""
+
+    @staticmethod
+    def _prepare_input_fn(sequence_sharding, mod, inputs, device_mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            raise TypeError(f"a sequence-parallel norm expects a DTensor input, got {type(x).__name__}")
+        return x if x.placements == sequence_sharding else x.redistribute(placements=sequence_sharding)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         module.fused = False
@@ -126,7 +165,7 @@ def loss_parallel_context():
             _LOSS_PARALLEL[0] -= 1
 
 
-class VocabParallelOutput(ColwiseParallel):
+class VocabParallelOutput(Colwise):
     """The vocabulary projection, sharded by vocabulary rows. Its logits stay sharded inside
     ``loss_parallel_context``; elsewhere they are gathered into a plain tensor."""
 
@@ -190,13 +229,13 @@ def nest(prefix: str, plan: Plan) -> Plan:
     return {f"{prefix}.{k}": v for k, v in plan.items()}
 
 
-def _rowwise_out(sp: bool) -> RowwiseParallel:
+def _rowwise_out(sp: bool) -> Rowwise:
     """Row-wise output: reduce-scattered on the sequence (sp) or all-reduced."""
-    return RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sp else RowwiseParallel()
+    return Rowwise(output_layouts=Shard(1), use_local_output=False) if sp else Rowwise()
 
 
 def attention_plan(sp: bool, qk_norm: bool) -> Plan:
-    plan: Plan = {"wqkv": ColwiseParallel(), "wo": _rowwise_out(sp)}
+    plan: Plan = {"wqkv": Colwise(), "wo": _rowwise_out(sp)}
     if qk_norm:  # per-head norms see this rank's heads only
         plan |= {"q_norm": LocalParams(partial_grads=True), "k_norm": LocalParams(partial_grads=True)}
     return plan
@@ -207,18 +246,18 @@ def cat_attention_plan(sp: bool, qk_norm: bool) -> Plan:
     gathered projections (every rank holds all of h), the inner attention splits heads, its
     ``wo`` gathers the heads and shards its output features, and ``final_proj`` (row-wise on
     those features) reduces once, after the out_index selection."""
-    return {"expand": ColwiseParallel(output_layouts=Replicate()),
-            "compress": ColwiseParallel(output_layouts=Replicate()),
+    return {"expand": Colwise(output_layouts=Replicate()),
+            "compress": Colwise(output_layouts=Replicate()),
             "cond": LocalParams(),
-            "inner.wqkv": ColwiseParallel(),
-            "inner.wo": ColwiseParallel(input_layouts=Shard(-1)),
+            "inner.wqkv": Colwise(),
+            "inner.wo": Colwise(input_layouts=Shard(-1)),
             "final_proj": _rowwise_out(sp),
             **(nest("inner", {"q_norm": LocalParams(partial_grads=True), "k_norm": LocalParams(partial_grads=True)})
                if qk_norm else {})}
 
 
 def feed_forward_plan(sp: bool) -> Plan:
-    return {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": _rowwise_out(sp)}
+    return {"w1": Colwise(), "w3": Colwise(), "w2": _rowwise_out(sp)}
 
 
 def block_plan(sp: bool, attention: Plan) -> Plan:
@@ -260,9 +299,8 @@ def model_plan(model: nn.Module, sp: bool = True) -> Plan:
     # straight onto the sequence shards; the CAT decoder concatenates it with the prefix.
     feeds_blocks = sp and not is_cat
     plan: Plan = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(),
-                                          output_layouts=Shard(1) if feeds_blocks else Replicate(),
-                                          use_local_output=not feeds_blocks),
+        "tok_embeddings": Rowwise(input_layouts=Replicate(), output_layouts=Shard(1) if feeds_blocks else Replicate(),
+                                  use_local_output=not feeds_blocks),
         **nest("layers", blocks_plan(kinds, sp, args.qk_norm)),
         "head": LocalOutput(),
         "head.norm": LocalParams(),
@@ -273,7 +311,7 @@ def model_plan(model: nn.Module, sp: bool = True) -> Plan:
         if args.kind == "cat_adaptive":
             plan["separator"] = LocalParams()
         compressor: Plan = {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "tok_embeddings": Rowwise(input_layouts=Replicate(), output_layouts=Replicate()),
             "chunk_pos": LocalParams(),
             **nest("layers", blocks_plan(["dense"] * args.compressor_layers, False, args.qk_norm)),
             "norm": LocalParams(),
