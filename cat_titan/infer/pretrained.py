@@ -1,0 +1,122 @@
+"""A trained model plus what its file says about it (tokenizer, training config, step), for
+the generation and evaluation tools.
+
+    pre = load_model("runs/x/export.safetensors", device="cuda", dtype=torch.bfloat16)
+    pre.model, pre.tokenizer_spec, pre.train_config["data"]["seq_len"], pre.step
+
+The weights come from ``cat_titan.load_pretrained`` (an exported ``.safetensors`` file, a
+checkpoint directory or a run directory: its newest complete checkpoint); the description
+from the file's safetensors metadata or the checkpoint's ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..export import ExportError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Pretrained:
+    model: torch.nn.Module
+    path: Path
+    tokenizer_spec: Optional[str]
+    """The tokenizer the model was trained with ('byte', 'gpt2', 'file:...'); None if unknown."""
+    tokenizer_info: dict = field(default_factory=dict)
+    """The data manifest's tokenizer identity (spec, vocab_size, eot_id, sha256), if recorded."""
+    train_config: dict = field(default_factory=dict)
+    """The run's resolved config as a dict ({} for files from elsewhere)."""
+    step: Optional[int] = None
+    """Optimizer steps the weights were trained for, if recorded."""
+
+    @property
+    def kind(self) -> str:
+        return self.model.args.kind
+
+    @property
+    def label(self) -> str:
+        """A short name: the file's stem, or the run directory's name."""
+        p = self.path
+        if p.is_dir() and p.name.startswith("step-") and p.parent.name == "checkpoints":
+            return p.parent.parent.name
+        return p.stem if p.is_file() else p.name
+
+    def section(self, name: str) -> dict:
+        value = self.train_config.get(name)
+        return value if isinstance(value, dict) else {}
+
+
+def resolve_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """'auto' -> bf16 on CUDA, float32 elsewhere; 'stored' -> None (keep the file's dtype)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "stored":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, stored, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_description(path: str | Path) -> dict:
+    """(tokenizer, tokenizer_info, train_config, step) of an exported file or a checkpoint/run dir."""
+    path = Path(path)
+    if path.is_dir():
+        from ..export import resolve_checkpoint
+        from ..train.checkpoint import CheckpointError, read_meta
+
+        ckpt = resolve_checkpoint(path)
+        try:
+            meta = read_meta(ckpt)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from e
+        return {"tokenizer": meta.get("tokenizer") or None, "tokenizer_info": meta.get("tokenizer_info") or {},
+                "train_config": meta.get("config") or {}, "step": meta.get("step")}
+    from ..export import read_exported_metadata
+
+    meta = read_exported_metadata(path)
+
+    def js(key):
+        try:
+            return json.loads(meta.get(key) or "{}")
+        except json.JSONDecodeError:
+            return {}
+
+    step = meta.get("step")
+    return {"tokenizer": meta.get("tokenizer") or None, "tokenizer_info": js("tokenizer_info"),
+            "train_config": js("train_config"), "step": int(step) if step and step.isdigit() else None}
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None
+               ) -> Pretrained:
+    """The model (eval mode, on ``device``, in ``dtype``; None keeps the stored dtype) and its
+    description. Raises ``ExportError`` with an actionable message for a missing or bad path."""
+    from .. import load_pretrained
+
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory; pass an exported .safetensors file "
+                          f"(tools/export.py), a checkpoint directory or a run directory")
+    desc = read_description(path)
+    model = load_pretrained(path, device=device, dtype=dtype)
+    return Pretrained(model=model, path=path, tokenizer_spec=desc["tokenizer"],
+                      tokenizer_info=desc["tokenizer_info"], train_config=desc["train_config"], step=desc["step"])
+
+
+def trained_chunk_sizes(pre: Pretrained) -> list[Optional[int]]:
+    """The chunk sizes to evaluate a model at: an adaptive CAT's curriculum sizes (all its
+    valid sizes if the run's curriculum is unknown); [None] for every other kind."""
+    args = pre.model.args
+    if args.kind != "cat_adaptive":
+        return [None]
+    cur = pre.section("curriculum")
+    lo = cur.get("min_chunk_size") or 1
+    hi = cur.get("max_chunk_size") or args.chunk_size
+    sizes = [c for c in args.chunk_sizes if lo <= c <= hi]
+    return sizes or list(args.chunk_sizes)
