@@ -1,0 +1,184 @@
+"""Quality next to cost: validation loss, and generation speed and memory, per chunk size.
+
+    from cat_titan.infer.evaluate import EvalConfig, evaluate_model
+    from cat_titan.infer.pretrained import load_model
+    rows = evaluate_model(load_model(path, "cuda", torch.bfloat16), EvalConfig(), SpeedConfig(compile=True))
+
+One row per chunk size an adaptive CAT is evaluated at (its training curriculum's sizes by
+default), one row for a fixed CAT or a dense model. The loss is the trainer's: the mean over
+``max_batches`` validation batches of the model's mean next-token cross-entropy, on windows
+0, 1, 2, ... of the split (``cat_titan.data.loader.validation_batches``), so the numbers
+match the ``val_loss`` rows of a run's metrics.jsonl for the same data, seq_len and batches.
+Data: ``EvalConfig.data``, else what the model was trained on (the run's ``data.path``, or
+its embedded corpus prepared with the model's tokenizer by ``ensure_corpus``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..data.shards import DataError
+from .bench import SpeedConfig, measure_generation, model_device, param_bytes
+from .pretrained import Pretrained, trained_chunk_sizes
+
+# Columns of the CSV table, in order (rows may hold more keys; the JSON keeps everything).
+COLUMNS = ["model", "role", "kind", "chunk_size", "step", "params_m", "val_loss", "val_ppl", "val_bits_per_token",
+           "eval_tokens", "seq_len", "tokens_per_s", "ms_per_step", "peak_mem_gib", "state_mem_gib", "cache_mib",
+           "cache_columns", "gen_batch", "gen_len", "compile", "cuda_graphs", "device", "dtype", "path"]
+
+
+@dataclass
+class EvalConfig:
+    data: Optional[str] = None
+    """Prepared shard directory (tools/prepare_data.py); None: the data the model was trained on."""
+    split: str = "val"
+    """Split to evaluate on."""
+    seq_len: Optional[int] = None
+    """Window length; None: the run's data.seq_len (at most the model's block_size)."""
+    batch_size: int = 8
+    """Windows per batch."""
+    max_batches: Optional[int] = 8
+    """Batches evaluated (None: the whole split)."""
+    chunk_sizes: Optional[list[int]] = None
+    """Adaptive CATs: sizes to evaluate (None: the training curriculum's)."""
+
+
+def resolve_data_dir(pre: Pretrained, data: Optional[str]) -> Path:
+    """The shard directory to evaluate ``pre`` on (see the module docstring)."""
+    if data:
+        path = Path(data)
+        if not path.is_dir():
+            raise DataError(f"--data {path}: no such directory; pass a directory prepared by tools/prepare_data.py")
+        return path
+    d = pre.section("data")
+    if d.get("path"):
+        path = Path(d["path"])
+        if path.is_dir():
+            return path
+        raise DataError(f"{pre.path} was trained on data.path={path}, which is not on this machine; pass the "
+                        f"prepared directory with --data DIR")
+    spec = pre.tokenizer_spec or d.get("tokenizer")
+    if not spec:
+        raise DataError(f"{pre.path} records neither its data nor its tokenizer; pass --data DIR")
+    from ..data.corpus import ensure_corpus
+
+    return Path(ensure_corpus(d.get("corpus") or "stdlib", spec, max_bytes=d.get("corpus_max_bytes")))
+
+
+def eval_seq_len(pre: Pretrained, cfg: EvalConfig) -> int:
+    seq = cfg.seq_len or pre.section("data").get("seq_len") or pre.model.args.block_size
+    return min(int(seq), pre.model.args.block_size)
+
+
+def load_batches(pre: Pretrained, cfg: EvalConfig, data_dir: Path, seq_len: int):
+    from ..data.loader import validation_batches
+    from ..data.shards import ShardedTokens
+
+    data = ShardedTokens(data_dir, cfg.split)
+    info = pre.tokenizer_info
+    data.check_tokenizer(info if info.get("sha256") else pre.model.args.vocab_size)
+    return validation_batches(data, seq_len, cfg.batch_size, cfg.max_batches)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, chunk_size: Optional[int] = None) -> float:
+    """Mean over batches of the model's mean token loss (as the trainer's evaluation)."""
+    device = model_device(model)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for x, y in batches:
+        total += model(x.to(device), y.to(device), chunk_size=chunk_size).double()
+    return float(total / len(batches))
+
+
+def eval_chunk_sizes(pre: Pretrained, cfg: EvalConfig) -> list[Optional[int]]:
+    if pre.kind != "cat_adaptive":
+        return [None]
+    if cfg.chunk_sizes:
+        valid = list(pre.model.args.chunk_sizes)
+        bad = [c for c in cfg.chunk_sizes if c not in valid]
+        if bad:
+            raise ValueError(f"chunk sizes {bad} are not valid for {pre.label} (cat_adaptive); valid: {valid}")
+        return list(cfg.chunk_sizes)
+    return trained_chunk_sizes(pre)
+
+
+def evaluate_model(pre: Pretrained, cfg: EvalConfig, speed: Optional[SpeedConfig] = None, *,
+                   label: Optional[str] = None, role: str = "model", batches=None, log=None) -> list[dict]:
+    """Rows (one per chunk size) of validation loss and, with ``speed``, generation speed and memory."""
+    model, args = pre.model, pre.model.args
+    seq_len = eval_seq_len(pre, cfg)
+    if batches is None:
+        batches = load_batches(pre, cfg, resolve_data_dir(pre, cfg.data), seq_len)
+    device = model_device(model)
+    rows = []
+    for c in eval_chunk_sizes(pre, cfg):
+        loss = validation_loss(model, batches, c)
+        row = dict(model=label or pre.label, role=role, kind=args.kind,
+                   chunk_size=c if c is not None else (args.chunk_size if args.kind == "cat" else None),
+                   step=pre.step, params_m=sum(p.numel() for p in model.parameters()) / 1e6, val_loss=loss,
+                   val_ppl=math.exp(min(loss, 700)), val_bits_per_token=loss / math.log(2),
+                   eval_tokens=sum(x.numel() for x, _ in batches), seq_len=seq_len, device=device.type,
+                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."), path=str(pre.path))
+        if speed is not None:
+            cfg_c = SpeedConfig(**{**speed.__dict__, "gen_len": min(speed.gen_len,
+                                                                    args.block_size - speed.prompt_len)})
+            m = measure_generation(model, cfg_c, c)
+            row.update(tokens_per_s=m["tokens_per_s"], ms_per_step=m["ms_per_step"], peak_mem_gib=m["peak_mem_gib"],
+                       peak_mem_kind=m["peak_mem_kind"], state_mem_gib=m["state_mem_gib"], cache_mib=m["cache_mib"],
+                       cache_columns=m["cache_columns"], gen_batch=m["batch"], gen_len=m["gen_len"],
+                       prompt_len=m["prompt_len"], compile=m["compile"], cuda_graphs=m["cuda_graphs"],
+                       warmup_s=m["warmup_s"], recompiles_while_timed=m["recompiles_while_timed"])
+        else:
+            row.update(state_mem_gib=param_bytes(model) / 2**30)
+        if log:
+            log(row)
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: list[dict], out_dir: Path, stem: str = "eval") -> tuple[Path, Path]:
+    """``{stem}.csv`` (COLUMNS) and ``{stem}.json`` (every key) in ``out_dir``."""
+    import csv
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    json_path.write_text(json.dumps({"rows": rows}, indent=2, default=str))
+    return csv_path, json_path
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("model", "{}"), ("kind", "{}"), ("chunk_size", "{}"), ("val_loss", "{:.4f}"), ("val_ppl", "{:.3f}"),
+            ("tokens_per_s", "{:,.0f}"), ("ms_per_step", "{:.3f}"), ("peak_mem_gib", "{:.3f}"),
+            ("state_mem_gib", "{:.3f}")]
+    cells = [[c for c, _ in cols]]
+    for r in rows:
+        cells.append([f.format(r[c]) if r.get(c) is not None else "-" for c, f in cols])
+    w = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w[i]) for i, v in enumerate(row)) for row in cells]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table as markdown (docs/study.md)."""
+    head = ["model", "kind", "chunk size", "val loss", "val ppl", "tokens/s", "ms/step", "peak memory (GiB)",
+            "weights + caches (GiB)"]
+    keys = [("model", "{}"), ("kind", "{}"), ("chunk_size", "{}"), ("val_loss", "{:.4f}"), ("val_ppl", "{:.3f}"),
+            ("tokens_per_s", "{:,.0f}"), ("ms_per_step", "{:.3f}"), ("peak_mem_gib", "{:.2f}"),
+            ("state_mem_gib", "{:.2f}")]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "-" for k, f in keys) + " |")
+    return "\n".join(lines)
