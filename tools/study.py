@@ -21,7 +21,11 @@ The report is rewritten after every phase, so an interrupted study still leaves 
 
 Re-running with the same --work directory skips what is done (finished runs, exports whose
 step matches, evaluations with the same settings), so a study cut short by a time limit
-continues where it stopped. Data: --data DIR (prepared shards), else the embedded corpus (this
+continues where it stopped: a SIGTERM (e.g. ``timeout 560 python tools/study.py ...``) is passed
+on to the running train.py, which saves a checkpoint (runs also save every steps/3) that the
+next invocation resumes; the report is written and the study exits 75. OUT/results.json holds
+everything the report needs (metrics rows included): ``--phases report`` redraws the figures
+from it alone, e.g. on a machine with matplotlib after a run on one without. Data: --data DIR (prepared shards), else the embedded corpus (this
 Python's standard library, byte tokenizer), prepared once by ensure_corpus: no network needed.
 """
 
@@ -60,6 +64,32 @@ GPU_MODELS = [ModelSpec("dense", "configs/dense_150m.yaml", "dense Transformer++
 SMOKE_MODELS = [ModelSpec("dense", "configs/debug_dense.yaml", "debug dense"),
                 ModelSpec("cat", "configs/debug_cat.yaml", "debug CAT, chunk 8"),
                 ModelSpec("cat_adaptive", "configs/debug_cat_adaptive.yaml", "debug adaptive CAT, chunks 2..8")]
+
+
+class Interrupted(Exception):
+    """SIGTERM reached the study: stop after the running train.py has saved its state."""
+
+
+class Stop:
+    """Remembers a termination request and passes it on to the running train.py."""
+
+    def __init__(self):
+        self.requested = False
+        self.child: subprocess.Popen | None = None
+        signal.signal(signal.SIGTERM, self._handle)  # Ctrl-C (SIGINT) reaches train.py directly
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log(f"{signal.Signals(signum).name}: stopping (the running train.py saves a checkpoint first)")
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def check(self) -> None:
+        if self.requested:
+            raise Interrupted()
+
+
+STOP: Stop | None = None
 
 
 def log(msg: str) -> None:
@@ -132,8 +162,9 @@ def train_overrides(a, data_dir: Path, run_dir: Path) -> list[str]:
     o = [f"job.run_dir={run_dir}", f"data.path={data_dir}", f"training.steps={a.steps}", "training.seed=0",
          f"training.global_batch={a.global_batch}", f"training.micro_batch={a.micro_batch}",
          f"training.eval_interval={interval}", f"training.eval_batches={a.eval_batches}", "training.sample_tokens=0",
-         f"schedule.warmup_steps={a.warmup_steps}", "checkpoint.interval=0", "checkpoint.save_final=true",
+         f"schedule.warmup_steps={a.warmup_steps}", "checkpoint.save_final=true",
          "checkpoint.async_save=false", f"metrics.log_interval={max(1, min(10, interval))}", "metrics.progress=off",
+         f"checkpoint.interval={0 if a.smoke else max(1, a.steps // 3)}", "checkpoint.keep=1",
          f"job.device={a.device}", f"training.compile={'true' if a.compile and a.device == 'cuda' else 'false'}"]
     if a.device == "cpu":
         o.append("data.num_workers=0")
@@ -192,6 +223,8 @@ def train_one(a, spec: ModelSpec, data_dir: Path, state: dict) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    if STOP is not None:
+        STOP.child = proc
     pump = _stream(proc, spec.name, run_dir / "study_train.log")
     capped = False
     try:
@@ -203,6 +236,10 @@ def train_one(a, spec: ModelSpec, data_dir: Path, state: dict) -> dict:
         rc = proc.wait()
     pump.join(timeout=10)
     seconds = time.time() - t0
+    if STOP is not None:
+        STOP.child = None
+        if STOP.requested:  # its checkpoint is the next invocation's starting point
+            raise Interrupted()
     if rc not in (0, EXIT_PREEMPTED):
         raise SystemExit(f"train {spec.name} failed with exit status {rc}; see {run_dir / 'study_train.log'}")
     from cat_titan.export import resolve_checkpoint
@@ -273,10 +310,8 @@ def eval_one(a, spec: ModelSpec, path: Path, data_dir: Path) -> list[dict]:
 # -----------------------------------------------------------------------------------------
 # report
 # -----------------------------------------------------------------------------------------
-def _final_val(run_dir: Path) -> dict:
-    from cat_titan.infer.plots import read_metrics
-
-    evals = [r for r in read_metrics(run_dir) if r.get("eval")]
+def _final_val(rows: list[dict]) -> dict:
+    evals = [r for r in rows if r.get("eval")]
     return evals[-1] if evals else {}
 
 
@@ -284,15 +319,19 @@ def write_report(a, state: dict) -> Path:
     import torch
 
     from cat_titan.infer.evaluate import markdown_table, write_table
-    from cat_titan.infer.plots import matplotlib_available, plot_loss_curves, plot_quality_vs_cost
+    from cat_titan.infer.plots import matplotlib_available, plot_loss_curves, plot_quality_vs_cost, read_metrics
 
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for spec in a.model_specs for r in state["eval"].get(spec.name, [])]
     trained = state["train"]
     figures = []
+    for name, t in trained.items():  # metrics rows travel in results.json (redraw without the work dir)
+        rows_m = read_metrics(Path(t["run_dir"]))
+        if rows_m:
+            state.setdefault("metrics", {})[name] = rows_m
     if matplotlib_available():
-        runs = {s.name: Path(trained[s.name]["run_dir"]) for s in a.model_specs if s.name in trained}
+        runs = {s.name: state.get("metrics", {}).get(s.name, []) for s in a.model_specs if s.name in trained}
         if runs:
             plot_loss_curves(runs, out / "loss_curves.png", title="validation loss during training (same tokens)")
             figures.append("loss_curves.png")
@@ -320,7 +359,7 @@ def write_report(a, state: dict) -> Path:
         if not t:
             lines.append(f"| {spec.name} | `{spec.config}` | {spec.description} | not trained | | | |")
             continue
-        fv = _final_val(Path(t["run_dir"]))
+        fv = _final_val(state.get("metrics", {}).get(spec.name, []))
         vals = ", ".join(f"{k.replace('val_loss_chunk', 'C=').replace('val_loss', '')}{' ' if 'chunk' in k else ''}"
                          f"{v:.4f}" for k, v in fv.items() if k.startswith("val_loss"))
         capped = " (time cap)" if t.get("capped") else ""
@@ -360,6 +399,12 @@ def write_report(a, state: dict) -> Path:
 
 def load_state(a) -> dict:
     state = {"train": {}, "exports": {}, "eval": {}, "timings": {}}
+    saved = a.out / "results.json"
+    if saved.is_file():  # what an earlier invocation reported (the work directory may be gone)
+        old = json.loads(saved.read_text())
+        for k in ("train", "eval", "metrics", "data", "overrides_example"):
+            if k in old:
+                state[k] = old[k]
     for spec in a.model_specs:
         marker = a.work / "runs" / spec.name / "study_done.json"
         if marker.is_file():
@@ -378,6 +423,19 @@ def main(argv=None) -> int:
     state = load_state(a)
     state["argv"] = argv
     t_all = time.time()
+    global STOP
+    STOP = Stop()
+    try:
+        run_phases(a, state, t_all)
+    except Interrupted:
+        state["timings"]["total"] = time.time() - t_all
+        report = write_report(a, state)
+        log(f"interrupted; partial report: {report}. Run the same command again to continue.")
+        return EXIT_PREEMPTED
+    return 0
+
+
+def run_phases(a, state: dict, t_all: float) -> None:
 
     def timed(name, fn):
         t0 = time.time()
@@ -392,6 +450,7 @@ def main(argv=None) -> int:
         state["overrides_example"] = [o for o in train_overrides(a, data_dir, Path("RUN")) if "run_dir" not in o]
     if "train" in a.phases:
         for spec in a.model_specs:
+            STOP.check()
             state["train"][spec.name] = timed(f"train {spec.name}", lambda: train_one(a, spec, data_dir, state))
             write_report(a, state)
     if "export" in a.phases or "eval" in a.phases:
@@ -402,13 +461,13 @@ def main(argv=None) -> int:
                                                     lambda: export_one(a, spec, state["train"][spec.name])))
     if "eval" in a.phases:
         for spec in a.model_specs:
+            STOP.check()
             state["eval"][spec.name] = timed(f"eval {spec.name}",
                                              lambda: eval_one(a, spec, Path(state["exports"][spec.name]), data_dir))
             write_report(a, state)
     state["timings"]["total"] = time.time() - t_all
     report = write_report(a, state)
     log(f"report: {report} ({state['timings']['total']:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":

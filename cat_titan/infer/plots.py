@@ -110,15 +110,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_loss_curves(runs: dict[str, Path], path: Path, title: Optional[str] = None) -> Path:
+def plot_loss_curves(runs: dict[str, Path | list[dict]], path: Path, title: Optional[str] = None) -> Path:
     """Left: validation loss against step (an adaptive CAT: one curve per chunk size);
-    right: training loss (smoothed over logged steps)."""
+    right: training loss at the logged steps. ``runs``: name -> run directory (its
+    metrics.jsonl) or the metrics rows themselves."""
     plt = _pyplot()
     fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, run_dir) in enumerate(runs.items()):
+    for i, (name, run) in enumerate(runs.items()):
         color = colors[i % len(colors)]
-        rows = read_metrics(run_dir)
+        rows = run if isinstance(run, list) else read_metrics(run)
         evals = [r for r in rows if r.get("eval")]
         keys = sorted({k for r in evals for k in r if k.startswith("val_loss")},
                       key=lambda k: int(k.rsplit("chunk", 1)[1]) if "chunk" in k else 0)
