@@ -68,7 +68,7 @@ def _configs(a) -> list[tuple[str, str, object, int | None]]:
 def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device) -> tuple[dict, object]:
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
-                      cuda_graphs=a.cuda_graphs, repeat=a.repeat)
+                      cuda_graphs=a.cuda_graphs, repeat=a.repeat, attend_bucket=a.attend_bucket)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
+    p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
+                   help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
+                        "per bucket) instead of the whole cache")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",

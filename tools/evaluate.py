@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="with --compile on CUDA: without CUDA graphs")
     s.add_argument("--repeat", type=int, default=1)
+    s.add_argument("--attend-bucket", type=int, default=None, metavar="N",
+                   help="dense layers attend over the filled cache prefix rounded up to N columns")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "stored", *DTYPES],
                    help="auto: bf16 on CUDA, fp32 elsewhere")
@@ -103,7 +105,8 @@ def run(a) -> int:
     speed = None
     if a.speed:
         speed = SpeedConfig(batch=a.gen_batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
-                            cuda_graphs=a.compile and a.cuda_graphs and device.type == "cuda", repeat=a.repeat)
+                            cuda_graphs=a.compile and a.cuda_graphs and device.type == "cuda", repeat=a.repeat,
+                            attend_bucket=a.attend_bucket)
         speed.validate()
     dtype = resolve_dtype(a.dtype, device)
     jobs = [(path, (a.labels or [None] * len(a.models))[i], "model") for i, path in enumerate(a.models)]

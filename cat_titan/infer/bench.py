@@ -50,6 +50,9 @@ class SpeedConfig:
     """Timed runs; the fastest counts."""
     seed: int = 0
     """Seed of the random prompts."""
+    attend_bucket: Optional[int] = None
+    """Dense layers attend over the filled cache prefix rounded up to this many columns
+    (one compiled graph per bucket; see runners.StackRunner); None: the whole cache."""
 
     def validate(self) -> None:
         bad = [f"{k}={v}" for k, v in (("batch", self.batch), ("prompt_len", self.prompt_len),
@@ -86,7 +89,8 @@ def random_prompts(model, cfg: SpeedConfig) -> torch.Tensor:
 
 def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     """A runner for ``cfg``'s batch and length, compiled as ``cfg`` says."""
-    runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size))
+    runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size),
+                         attend_bucket=cfg.attend_bucket)
     if cfg.compile:
         runner.compile_step(mode="reduce-overhead" if cfg.cuda_graphs else None)
     return runner
@@ -120,8 +124,11 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
     prompts = random_prompts(model, cfg)
     C = runner.chunk_size
     kw = dict(chunk_size=chunk_size, runner=runner)
+    # Warm-up: crosses a chunk boundary (both step variants compile); with attend buckets the
+    # whole length, so that no bucket's graph compiles while timed.
+    warm = cfg.gen_len if getattr(runner, "attend_bucket", None) else min(cfg.gen_len, 2 * max(C, 1) + 2)
     t0 = time.perf_counter()
-    generate(model, prompts, min(cfg.gen_len, 2 * max(C, 1) + 2), **kw)  # crosses a chunk boundary
+    generate(model, prompts, warm, **kw)
     sync(device)
     warm_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -138,6 +145,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
     sec = min(times)
     cache = runner.cache_bytes()
     return dict(kind=model.args.kind, chunk_size=C or None, batch=cfg.batch, prompt_len=cfg.prompt_len,
+                attend_bucket=getattr(runner, "attend_bucket", None),
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,

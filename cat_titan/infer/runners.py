@@ -108,15 +108,19 @@ class KVCache(nn.Module):
         self.k.copy_(k.gather(2, idx))
         self.v.copy_(v.gather(2, idx))
 
-    def attend(self, attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, mask: Tensor,
+               n_cols: Optional[int] = None) -> Tensor:
         """One decode step: x (B, T, D) -> (B, T, D). Writes each query's K/V at its column
-        cols (B, T) first, so queries of this step see each other as the mask allows."""
+        cols (B, T) first, so queries of this step see each other as the mask allows.
+        n_cols: attend over the first n_cols columns only (every written column lies below;
+        ``mask`` has n_cols columns then)."""
         q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
         rows = _rows(cols)
         # In place under torch.compile too (index_put_, see the module docstring).
         self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
         self.v[rows, :, cols] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask,
+        keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                            enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
         return attn_output(attn, y)
 
@@ -402,10 +406,20 @@ class StackRunner(Runner):
     Dense layers keep full K/V by position. A CAT layer keeps its inner attention's
     slots + current chunk, and its current chunk's normed hidden states (B, C, D): its
     slot fx_{k+1} = compress(normed inputs of chunk k at this layer) needs all C of them.
+
+    ``attend_bucket``: dense layers attend over the first ``ceil((max pos + 1) / bucket) *
+    bucket`` cache columns instead of all ``max_len`` (masked columns cost memory traffic:
+    over a long generation the full length reads ~2x what is needed). Each bucket is a
+    separate compiled graph (the length is static), so the compile cost grows with
+    max_len / bucket; None (default) attends over the whole cache.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device,
+                 attend_bucket: Optional[int] = None):
         super().__init__(model, batch, max_len)
+        if attend_bucket is not None and attend_bucket < 1:
+            raise ValueError(f"attend_bucket={attend_bucket} must be >= 1 (or None: the whole cache)")
+        self.attend_bucket = attend_bucket
         a = model.args
         self.kinds = list(getattr(model, "kinds", ["dense"] * len(model.layers)))
         self.chunk_size = C = chunk_size if "cat" in self.kinds else 0
@@ -470,14 +484,22 @@ class StackRunner(Runner):
         return self._head(x[torch.arange(B, device=x.device), lengths - 1])
 
     # -- decode ---------------------------------------------------------------------------
-    def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
-        return self._decode(tok, pos, self.completes(pos_host))
+    def attend_len(self, pos_host: Tensor) -> Optional[int]:
+        """Dense cache columns this step attends over (None: all of them)."""
+        b = self.attend_bucket
+        if not b:
+            return None
+        return min(self.dense_len, -(-(int(pos_host.max()) + 1) // b) * b)
 
-    def _decode_impl(self, tok: Tensor, pos: Tensor, completes: bool) -> Tensor:
+    def step(self, tok: Tensor, pos: Tensor, pos_host: Tensor) -> Tensor:
+        return self._decode(tok, pos, self.completes(pos_host), self.attend_len(pos_host))
+
+    def _decode_impl(self, tok: Tensor, pos: Tensor, completes: bool, n_dense: Optional[int] = None) -> Tensor:
         m = self.model
         x = m.tok_embeddings(tok)[:, None]  # (B, 1, D)
         dense_col = pos[:, None]  # (B, 1)
-        dense_mask = (self.dense_cols <= dense_col[..., None])[:, None]  # (B, 1, 1, Ld)
+        cols = self.dense_cols if n_dense is None else self.dense_cols[:n_dense]
+        dense_mask = (cols <= dense_col[..., None])[:, None]  # (B, 1, 1, Ld or n_dense)
         dense_cos, dense_sin = _rope_at(m.rope, dense_col)
         if self.chunk_size:
             done, kind, group, phase, col, rope = step_queries(pos, self.cols, completes, 1)
@@ -487,7 +509,7 @@ class StackRunner(Runner):
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
                 def attention(u, layer=layer, cache=cache):
-                    return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_mask)
+                    return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_mask, n_dense)
             else:
                 def attention(u, i=i, layer=layer, cache=cache):
                     ca = layer.attention
@@ -502,10 +524,12 @@ class StackRunner(Runner):
         return self._head(x[:, 0])
 
 
-def make_runner(model: nn.Module, batch: int, max_len: int, chunk_size: int) -> Runner:
+def make_runner(model: nn.Module, batch: int, max_len: int, chunk_size: int,
+                attend_bucket: Optional[int] = None) -> Runner:
     """The runner for a model's kind, with caches for ``batch`` rows of up to ``max_len``
-    tokens, in the model's dtype and on its device."""
+    tokens, in the model's dtype and on its device. ``attend_bucket``: see StackRunner (dense
+    and hybrid models' dense layers; a CAT's caches are short and ignore it)."""
     p = next(model.parameters())
-    kind = model.args.kind
-    cls = CatRunner if kind in ("cat", "cat_adaptive") else StackRunner
-    return cls(model, batch, max_len, chunk_size, p.dtype, p.device)
+    if model.args.kind in ("cat", "cat_adaptive"):
+        return CatRunner(model, batch, max_len, chunk_size, p.dtype, p.device)
+    return StackRunner(model, batch, max_len, chunk_size, p.dtype, p.device, attend_bucket=attend_bucket)

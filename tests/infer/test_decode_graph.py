@@ -47,3 +47,22 @@ def test_graph_summary_flags_a_copied_cache():
     _, codes = run_and_get_code(torch.compile(copying_step), k, col, torch.ones_like(col, dtype=k.dtype))
     summary = summarize_graph_code(codes, _cache_bytes(runner))
     assert len(summary["per_graph"][0]["cache_sized_temporaries"]) >= 1, summary
+
+
+def test_attend_buckets_change_nothing_but_the_attended_length():
+    """Dense layers attending over the filled prefix (rounded up to a bucket) give the tokens
+    and logits of attending over the whole cache, for mixed prompt lengths."""
+    for name in ("debug-dense", "debug-hybrid"):
+        model = debug_model(name)
+        prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8]]
+        C = model.args.chunk_size if name == "debug-hybrid" else 0
+        full = list(stream(model, prompts, 30, runner=make_runner(model, 3, 41, C)))
+        runner = make_runner(model, 3, 41, C, attend_bucket=8)
+        lens = []
+        step = runner.step
+        runner.step = lambda tok, pos, pos_host: (lens.append(runner.attend_len(pos_host)), step(tok, pos, pos_host))[1]
+        bucketed = list(stream(model, prompts, 30, runner=runner))
+        assert [s.tokens.tolist() for s in bucketed] == [s.tokens.tolist() for s in full]
+        assert max((a.logits - b.logits).abs().max().item() for a, b in zip(bucketed, full)) <= 1e-5
+        # first step feeds position 11 (12 columns -> 16), the last position 39 (40 columns)
+        assert lens[0] == 16 and lens[-1] == 40 < runner.dense_len and sorted(lens) == lens
