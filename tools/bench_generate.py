@@ -20,7 +20,7 @@ resident set size so far (it only grows across configurations, so it is an upper
 The measuring code is cat_titan.infer.bench (tools/evaluate.py uses it too).
 
 --profile DIR: after timing, profile --profile-steps decode steps of each configuration with
-torch.profiler and write DIR/<config>.trace.json (chrome trace), DIR/<config>.top.md (top
+torch.profiler and write DIR/<config>.trace.json.gz (chrome trace), DIR/<config>.top.md (top
 kernels per step, host CUDA calls and synchronisations per step, the compiled graph's kernel
 and temporary-buffer counts) and DIR/<config>.graphs.py (inductor's code of the decode step),
 plus DIR/summary.md / summary.json over all configurations (cat_titan.infer.profiling).
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="write a torch.profiler trace, a top-kernels table and the compiled graph per configuration")
-    p.add_argument("--profile-steps", type=int, default=64, help="decode steps profiled per configuration (64)")
+    p.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled per configuration (32)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.prompt_len < 1 or a.gen_len < 1 or a.repeat < 1 or a.profile_steps < 1:
         p.error("--batch, --prompt-len, --gen-len, --repeat and --profile-steps must be >= 1")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         from cat_titan.infer.profiling import write_index
 
         write_index([r["profile"] for r in rows], a.profile)
-        print(f"profiles: {a.profile}/summary.md (per configuration: *.top.md, *.trace.json, *.graphs.py)")
+        print(f"profiles: {a.profile}/summary.md (per configuration: *.top.md, *.trace.json.gz, *.graphs.py)")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}

@@ -11,8 +11,10 @@ analysis (docs/benchmarks.md, generation section) could only predict.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -162,7 +164,7 @@ def _table(rows: list[dict], limit: int = 30) -> str:
 @torch.no_grad()
 def profile_generation(model, runner, prompts, n: int, chunk_size: Optional[int], out_dir: Path, label: str,
                        graph_codes: Optional[list[str]] = None) -> dict:
-    """Profile ``n`` decode steps on a warmed-up runner; write ``{label}.trace.json`` (chrome
+    """Profile ``n`` decode steps on a warmed-up runner; write ``{label}.trace.json.gz`` (chrome
     trace), ``{label}.top.md`` (top kernels, host calls and syncs per step) and, given the
     compiled graphs' code (``capture_graph_code`` around the warm-up), ``{label}.graphs.py``
     and their summary. Returns the summary that goes into the .md file."""
@@ -183,7 +185,11 @@ def profile_generation(model, runner, prompts, n: int, chunk_size: Optional[int]
         if cuda:
             torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    prof.export_chrome_trace(str(out_dir / f"{safe}.trace.json"))
+    trace = out_dir / f"{safe}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:  # perfetto / chrome://tracing read .gz
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
     rows = kernel_rows(prof, n, device.type)
     summary = {"label": label, "steps": n, "device": device.type, "profiled_ms_per_step": 1e3 * wall / n,
                "device_us_per_step": sum(r["us_per_step"] for r in rows),

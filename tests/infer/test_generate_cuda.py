@@ -71,3 +71,17 @@ def test_cuda_compiled_step_equals_eager(name, chunk, mode):
     assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, eager)) <= 1e-4
     again = _prompts((2, 12, 7), seed=10)  # reuse: same graphs, new caches contents
     assert generate(model, again, 24, chunk_size=chunk, runner=runner) == generate(model, again, 24, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("name", ["debug-dense", "debug-hybrid"])
+def test_cuda_attend_buckets_compiled_equal_eager(name):
+    """Dense layers attending over bucketed cache prefixes (one CUDA graph per bucket) give
+    the eager tokens of the whole-cache step."""
+    model = _cuda(name)
+    prompts = _prompts((6, 9, 13), seed=11)
+    want = generate(model, prompts, 24)
+    C = model.args.chunk_size if name == "debug-hybrid" else 0
+    runner = make_runner(model, len(prompts), 13 + 24, C, attend_bucket=8)
+    runner.compile_step(mode="reduce-overhead")
+    assert generate(model, prompts, 24, runner=runner) == want
+    assert generate(model, prompts, 24, runner=runner) == want  # replayed graphs

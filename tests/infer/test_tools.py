@@ -4,6 +4,7 @@ on those exported files. CLIs run in-process through their main() (subprocess st
 seconds), except one real subprocess per tool."""
 
 import csv
+import gzip
 import importlib.util
 import json
 import math
@@ -196,7 +197,7 @@ def test_bench_generate_profile(tmp_path):
     for label in ("dense", "cat_C=8"):
         top = (prof / f"{label}.top.md").read_text()
         assert "aten::mm" in top and "calls per step" in top
-        trace = json.loads((prof / f"{label}.trace.json").read_text())
+        trace = json.loads(gzip.decompress((prof / f"{label}.trace.json.gz").read_bytes()))
         assert trace["traceEvents"]
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert all(r["profile"]["kernels_per_step"] > 0 for r in rows)
