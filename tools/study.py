@@ -268,10 +268,15 @@ def export_one(a, spec: ModelSpec, trained: dict) -> Path:
 
 
 def eval_one(a, spec: ModelSpec, path: Path, data_dir: Path) -> list[dict]:
+    """Rows of one model, one per chunk size; each row is cached as soon as it is measured, so
+    a study stopped by a time limit does not redo the chunk sizes it has."""
+    import dataclasses
+
     import torch
 
     from cat_titan.infer.bench import SpeedConfig
-    from cat_titan.infer.evaluate import EvalConfig, evaluate_model
+    from cat_titan.infer.evaluate import (EvalConfig, eval_chunk_sizes, eval_seq_len, evaluate_model, load_batches,
+                                          resolve_data_dir)
     from cat_titan.infer.pretrained import load_model
 
     device = torch.device(a.device)
@@ -281,32 +286,47 @@ def eval_one(a, spec: ModelSpec, path: Path, data_dir: Path) -> list[dict]:
     speed = SpeedConfig(batch=a.gen_batch, prompt_len=8, gen_len=gen_len, compile=compile_, cuda_graphs=compile_)
     ecfg = EvalConfig(data=str(data_dir), batch_size=8, max_batches=a.eval_batches)
     key = {"path": str(path), "step": pre.step, "eval": ecfg.__dict__, "speed": speed.__dict__, "device": a.device}
-    cache = (a.work / "eval" / f"{spec.name}.json")
+    cache = a.work / "eval" / f"{spec.name}.json"
+    rows: dict[str, dict] = {}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            log(f"eval {spec.name}: cached, skipped")
-            return cached["rows"]
-    t0 = time.time()
+            rows = {str(r.get("chunk_size")): r for r in cached["rows"]}
+    sizes = eval_chunk_sizes(pre, ecfg)
+    todo = [c for c in sizes if str(c if c is not None else _fixed_chunk(pre)) not in rows]
+    if not todo:
+        log(f"eval {spec.name}: cached, skipped")
+        return [rows[k] for k in sorted(rows, key=_size_order)]
     role = "baseline" if spec.name == "dense" else "model"
-
-    def show(r):
+    batches = load_batches(pre, ecfg, resolve_data_dir(pre, ecfg.data), eval_seq_len(pre, ecfg))
+    for c in todo:
+        t0 = time.time()
+        (r,) = evaluate_model(pre, dataclasses.replace(ecfg, chunk_sizes=[c] if c is not None else None), speed,
+                              label=spec.name, role=role, batches=batches)
+        r["description"], r["seconds"] = spec.description, time.time() - t0
+        rows[str(r.get("chunk_size"))] = r
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "rows": [rows[k] for k in sorted(rows, key=_size_order)]},
+                                    indent=2, default=str))
         size = f" C={r['chunk_size']}" if r.get("chunk_size") else ""
         log(f"eval {spec.name}{size}: val loss {r['val_loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s, "
-            f"{r['ms_per_step']:.2f} ms/step, peak {r['peak_mem_gib']:.2f} GiB (warm-up {r['warmup_s']:.0f}s)")
+            f"{r['ms_per_step']:.2f} ms/step, peak {r['peak_mem_gib']:.2f} GiB (warm-up {r['warmup_s']:.0f}s, "
+            f"{r['seconds']:.0f}s in all)")
         if STOP is not None:
-            STOP.check()  # a time limit is near: this model is evaluated again next time
-
-    rows = evaluate_model(pre, ecfg, speed, label=spec.name, role=role, log=show)
-    for r in rows:
-        r["description"] = spec.description
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "rows": rows, "seconds": time.time() - t0}, indent=2, default=str))
+            STOP.check()  # a time limit is near: the chunk sizes left are measured next time
     del pre
     if device.type == "cuda":
         torch._dynamo.reset()  # drop this model's compiled graphs and CUDA graph pools
         torch.cuda.empty_cache()
-    return rows
+    return [rows[k] for k in sorted(rows, key=_size_order)]
+
+
+def _fixed_chunk(pre):
+    return pre.model.args.chunk_size if pre.kind == "cat" else None
+
+
+def _size_order(key: str) -> int:
+    return int(key) if key.isdigit() else 0
 
 
 # -----------------------------------------------------------------------------------------
