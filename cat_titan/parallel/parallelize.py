@@ -27,7 +27,13 @@ linear cross-entropy (CUDA) needs the whole vocabulary weight, so it is switched
 TP; the other liger kernels keep running on local tensors, except the sequence-parallel
 norms, which compute on DTensors (plain path; inductor fuses it under compile).
 
-Refused at start (``refuse_unsupported``): tp > 1 with torch.compile on CPU.
+Refused at start (``refuse_unsupported``): tp > 1 with torch.compile on CPU. Measured with
+torch 2.13 on CPU: torch's TP styles redistribute asynchronously, and compiled blocks then
+crash in AOTAutograd's backward (AsyncCollectiveTensor tangents); tp.py's styles are
+synchronous, which made dense and fixed-chunk CAT models compile exactly under TP and
+FSDP x TP, but the adaptive CAT (dynamic shapes) still fails in inductor's tracing and
+FSDP x TP compiled was seen to give a wrong embedding gradient. CUDA is not refused, and
+not verified here: check a TP run with compile against eager before relying on it.
 """
 
 from __future__ import annotations
@@ -54,9 +60,9 @@ def refuse_unsupported(device_type: str, tp: int, compile_: bool) -> Optional[st
     """Combinations known to compute wrong results or crash: refuse them at start."""
     if tp > 1 and compile_ and device_type == "cpu":
         return (f"parallelism.tp={tp} with training.compile=true is not supported on CPU: with torch "
-                f"{torch.__version__.split('+')[0]} torch.compile of tensor-parallel blocks crashes in backward, and "
-                f"FSDP x TP compiled gave a wrong embedding gradient (eager is exact); set training.compile=false "
-                f"or parallelism.tp=1")
+                f"{torch.__version__.split('+')[0]}, compiling tensor-parallel blocks fails here (in backward, or "
+                f"while tracing an adaptive CAT's changing shapes), and FSDP x TP compiled gave a wrong embedding "
+                f"gradient (eager is exact); set training.compile=false or parallelism.tp=1")
     return None
 
 
