@@ -19,7 +19,7 @@ MARKERS = "osD^vP<>"
 
 def matplotlib_available() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return True

@@ -254,5 +254,5 @@ def write_index(summaries: list[dict], out_dir: Path) -> None:
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-__all__ = ["capture_graph_code", "decode_graph_code", "kernel_rows", "profile_generation", "render_summary", "summarize_graph_code",
-           "write_index"]
+__all__ = ["capture_graph_code", "decode_graph_code", "kernel_rows", "profile_generation", "render_summary",
+           "summarize_graph_code", "write_index"]

@@ -85,3 +85,16 @@ def test_cuda_attend_buckets_compiled_equal_eager(name):
     runner.compile_step(mode="reduce-overhead")
     assert generate(model, prompts, 24, runner=runner) == want
     assert generate(model, prompts, 24, runner=runner) == want  # replayed graphs
+
+
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4)])
+def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk):
+    """Equal prompt lengths: every row completes its chunk at once and the compressor runs
+    inside the decode step's CUDA graph (the benchmark's case); tokens equal eager."""
+    model = _cuda(name)
+    prompts = torch.tensor(_prompts((7, 7, 7), seed=12))
+    want = generate(model, prompts, 26, chunk_size=chunk)
+    runner = make_runner(model, 3, 7 + 26, chunk or model.args.chunk_size)
+    runner.compile_step(mode="reduce-overhead")
+    assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want
+    assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want

@@ -52,10 +52,10 @@ def _png_ok(path: Path) -> None:
 
 def test_study_smoke_writes_the_report(study):
     md = (study / "study.md").read_text()
-    for piece in ("## Setup", "## Quality and cost per chunk size", "loss_curves.png", "quality_vs_cost.png",
-                  "| cat_adaptive | cat_adaptive | 4 |"):
+    for piece in ("## Setup", "## Quality and cost per chunk size", "study_loss_curves.png",
+                  "study_quality_vs_cost.png", "| cat_adaptive | cat_adaptive | 4 |"):
         assert piece in md, piece
-    for png in ("loss_curves.png", "quality_vs_cost.png"):
+    for png in ("study_loss_curves.png", "study_quality_vs_cost.png"):
         _png_ok(study / png)
     rows = list(csv.DictReader(open(study / "eval.csv")))
     assert [(r["model"], r["chunk_size"]) for r in rows] == [("dense", ""), ("cat", "8"), ("cat_adaptive", "2"),
