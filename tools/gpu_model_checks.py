@@ -71,16 +71,25 @@ def timed(model, x, y, steps=10, warmup=3) -> float:
     return start.elapsed_time(end) / 1000 / steps
 
 
-def fp32_equality(a) -> int:
-    """Same comparisons without autocast: differences are float32 rounding only."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+VARIANTS = [("sdpa", "sdpa", "off"), ("flex", "flex", "off"), ("flex_fused", "flex", "on")]
+
+
+def reference_batch(a):
+    """The reference-sized CAT's arguments and one seeded batch of random tokens."""
     args = get_preset("cat-150m")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
     y = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
+    return args, x, y
+
+
+def fp32_equality(a) -> int:
+    """Same comparisons without autocast: differences are float32 rounding only."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    args, x, y = reference_batch(a)
     res = {}
-    for key, backend, fused in [("sdpa", "sdpa", "off"), ("flex", "flex", "off"), ("flex_fused", "flex", "on")]:
+    for key, backend, fused in VARIANTS:
         m = build_model(args.replace(attn_backend=backend, fused_ops=fused), device="cuda", seed=0)
         res[key] = loss_and_grads(m, x, y, bf16=False)
         del m
@@ -105,12 +114,9 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["parity"] = parity(a.fixtures)
 
-    args = get_preset("cat-150m")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
-    y = torch.randint(0, args.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
+    args, x, y = reference_batch(a)
     models = {}
-    for key, backend, fused in [("sdpa", "sdpa", "off"), ("flex", "flex", "off"), ("flex_fused", "flex", "on")]:
+    for key, backend, fused in VARIANTS:
         models[key] = build_model(args.replace(attn_backend=backend, fused_ops=fused), device="cuda", seed=0)
     res = {k: loss_and_grads(m, x, y) for k, m in models.items()}
     report["equality"] = [compare("flex vs sdpa (plain ops)", res["sdpa"], res["flex"]),

@@ -89,13 +89,7 @@ def plot_quality_vs_cost(rows: list[dict], path: Path, title: Optional[str] = No
         handles, labels = axes[1].get_legend_handles_labels()
     if handles:
         axes[1].legend(handles, labels, fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path, title)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -139,6 +133,11 @@ def plot_loss_curves(runs: dict[str, Path | list[dict]], path: Path, title: Opti
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    return _save(fig, plt, path, title)
+
+
+def _save(fig, plt, path, title) -> Path:
+    """Title, write the PNG (creating its folder) and free the figure."""
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
