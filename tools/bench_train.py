@@ -38,25 +38,64 @@ class RandomTokens:
         return x, torch.roll(x, -1, dims=1)
 
 
-def profile_steps(trainer, device, out: Path, steps: int = 3) -> None:
-    """Trace a few steps; rank r writes trace-r.json and ops-r.txt (top ops by device time)."""
+KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match wins
+    ("nccl (communication)", ("nccl",)),
+    ("flex attention", ("flex_attention", "flex_decoding")),
+    ("sdpa attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("liger kernels", ("_rms_norm", "_swiglu", "_rope", "cross_entropy", "liger", "element_mul")),
+    ("inductor fused (triton)", ("triton_",)),
+    ("eager elementwise/reduce/copy", ("elementwise", "vectorized", "reduce", "copy", "fill", "index", "cat",
+                                        "scatter", "gather", "memcpy", "memset")),
+]
+
+
+def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
+    """Device time per step by kernel category, and how busy the GPU was over the wall time."""
+    by_kind: dict = {}
+    busy = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if not t or ev.device_type.name != "CUDA":
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in name for s in subs)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + t / 1e3 / steps  # ms per step
+        busy += t / 1e3 / steps
+    wall_ms = wall_s * 1e3 / steps
+    return {"wall_ms_per_step": wall_ms, "kernel_ms_per_step": busy, "gpu_busy_fraction": busy / wall_ms,
+            "ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
+
+
+def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
+    """Trace a few steps; rank r writes trace-r.json.gz, ops-r.txt (top ops by device time)
+    and returns the kernel-time breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
     out.mkdir(parents=True, exist_ok=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=False) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
-            float(trainer.train_step()["loss"])
+            out_ = trainer.train_step()
+        float(out_["loss"])
+        wall = time.perf_counter() - t0
     rank = trainer.pdims.rank
-    prof.export_chrome_trace(str(out / f"trace-{rank}.json"))
+    prof.export_chrome_trace(str(out / f"trace-{rank}.json.gz"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    (out / f"ops-{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    (out / f"ops-{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+    if device.type != "cuda":
+        return {}
+    summary = kernel_breakdown(prof, steps, wall)
+    (out / f"breakdown-{rank}.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (one host sync, at the end)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", type=Path, help="also trace 3 steps with torch.profiler: chrome trace + top ops table")
@@ -76,22 +115,35 @@ def main() -> int:
         t = cfg.training
         trainer.loader = RandomTokens(cfg.model.vocab_size, t.micro_batch, cfg.data.seq_len, device,
                                       t.seed + trainer.pdims.rank)
-        times, sizes = [], []
-        for i in range(a.warmup + a.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        # No host sync inside the timed window (the trainer's loop has none between log
+        # steps): CUDA events between steps give the per-step spread, one sync at the end.
+        sizes = []
+        for _ in range(a.warmup):
             out = trainer.train_step()
-            float(out["loss"])  # wait for the step, like a logging step would
-            if i >= a.warmup:
-                times.append(time.perf_counter() - t0)
-                sizes += [c for c in out["chunk_sizes"] if c is not None]
-        if a.profile:
-            profile_steps(trainer, device, a.profile)
+        float(out["loss"])
+        cuda = device.type == "cuda"
+        marks = []
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            out = trainer.train_step()
+            sizes += [c for c in out["chunk_sizes"] if c is not None]
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                marks.append(time.perf_counter())
+        float(out["loss"])
+        wall = time.perf_counter() - t0
+        if cuda:
+            times = [a_.elapsed_time(b_) / 1e3 for a_, b_ in zip(marks, marks[1:])]
+        else:
+            times = [b_ - a_ for a_, b_ in zip([t0] + marks, marks)]
+        breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
+        mean_step = wall / a.steps
         median = statistics.median(times)
-        tps_gpu = tokens_per_step / median / world
+        tps_gpu = tokens_per_step / mean_step / world
         if sizes:  # adaptive: average FLOPs over the chunk sizes actually drawn
             flops = statistics.mean(flops_per_token(trainer.model_args, cfg.data.seq_len, c) for c in sizes)
         else:
@@ -102,17 +154,21 @@ def main() -> int:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "tokens_per_sec_per_device": tps_gpu,
             "mfu": tps_gpu * flops / peak if peak else None, "flops_per_token": flops,
-            "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+            "step_s_mean": mean_step, "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
             "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            "chunk_sizes": sorted(set(sizes)) or None,
+            "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }
         if trainer.is_main:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
             print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
-                  f"peak {mem}, step {median * 1e3:.1f} ms (min {row['step_s_min'] * 1e3:.1f}, "
+                  f"peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, min {row['step_s_min'] * 1e3:.1f}, "
                   f"max {row['step_s_max'] * 1e3:.1f}) on {world} x {row['device_name']}", flush=True)
+            if breakdown:
+                print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
+                      f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in breakdown["ms_per_step_by_kind"].items()), flush=True)
             if a.json:
                 a.json.write_text(json.dumps(row, indent=1))
     if dist.is_initialized():

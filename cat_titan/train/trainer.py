@@ -195,6 +195,9 @@ class Trainer:
         impl = o.implementation if o.implementation != "auto" else ("fused" if device.type == "cuda" else "foreach")
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps, fused=impl == "fused", foreach=impl == "foreach")
+        self._skip_on_device = impl == "fused"
+        self._bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         dp_rank, dp_world = self.pdims.dp_rank, self.pdims.dp
         self.accum = t.global_batch // (t.micro_batch * dp_world)
@@ -213,6 +216,10 @@ class Trainer:
                 "layout": {"dp_replicate": self.pdims.dp_replicate, "dp_shard": self.pdims.dp_shard,
                            "tp": self.pdims.tp, "fsdp": use_fsdp},
                 "torch": torch.__version__, "cat_titan": __version__}
+        # Host-side agreement (preemption flags, async-save completion) runs on a CPU group,
+        # so nothing in the step loop waits for the GPU; async saves get their own (their
+        # collectives run in a background thread, which must not interleave with ours).
+        self.cpu_group = dist.new_group(backend="gloo") if self.pdims.world > 1 else None
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                                          async_save=cfg.checkpoint.async_save, is_main=self.is_main, meta=meta,
                                          async_group=dist.new_group(backend="gloo") if cfg.checkpoint.async_save
@@ -239,16 +246,20 @@ class Trainer:
         return {"app": ModelOptim(self.model, self.optimizer), "train": self.state}
 
     def _save(self, blocking: bool = False) -> None:
+        self.check_nonfinite()  # "stop" stops before saving; skipped updates were never applied
         self.checkpointer.save(self.state.step, self._stateful(), {"tokens_seen": self.state.tokens_seen},
                                blocking=blocking)
 
     def _agree(self) -> tuple[bool, bool]:
-        """One all-reduce per step: (a preemption signal reached some rank, every rank has
-        written its part of the pending async save)."""
-        flags = torch.tensor([float(self.preemption.requested), float(not self.checkpointer.pending_done_locally())],
-                             device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item() > 0), bool(flags[1].item() == 0)
+        """(a preemption signal reached some rank, every rank has written its part of the
+        pending async save): one all-reduce per step over a CPU (gloo) group, so the GPU
+        stream is never waited for."""
+        flags = [float(self.preemption.requested), float(not self.checkpointer.pending_done_locally())]
+        if self.pdims.world > 1:
+            t = torch.tensor(flags)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+            flags = t.tolist()
+        return flags[0] > 0, flags[1] == 0
 
     def _drop_metrics_after(self, step: int) -> None:
         """metrics.jsonl holds one row per logged step: rows an interrupted attempt logged after
@@ -286,6 +297,10 @@ class Trainer:
         return x.item() / self.pdims.world
 
     def train_step(self) -> dict:
+        """One optimizer step. No device->host synchronisation: the host stays ahead of the
+        GPU. A non-finite loss or gradient norm skips the update on the device (fused AdamW's
+        ``found_inf``) and is reported at the next ``check_nonfinite`` (log steps, saves, the
+        end); the foreach/for-loop optimizers cannot skip on the device and check here."""
         t = self.cfg.training
         step = self.state.step
         total = torch.zeros((), device=self.device)
@@ -299,21 +314,42 @@ class Trainer:
                 loss.backward()
             total += loss.detach()
         norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(total))
-        skipped = False
-        if not finite:
-            if t.nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient norm at step {step + 1} (loss {total.item()}, "
-                                     f"grad norm {norm.item()}); lower optimizer.lr, or set training.nonfinite=skip")
-            skipped = True
-            self.log(f"[warning] non-finite loss/grad at step {step + 1}: step skipped")
-        else:
+        # The global gradient norm decides (the same value on every rank, so all ranks skip
+        # together); a non-finite loss makes it non-finite too.
+        bad = ~torch.isfinite(norm)  # () bool, on the device
+        if self._skip_on_device:
+            self.optimizer.found_inf = bad.float()  # 1.0: the fused kernel leaves params and state alone
             self.optimizer.step()
+        elif not bool(bad):  # a host sync: the foreach/for-loop optimizers cannot skip on the device
+            self.optimizer.step()
+        # First bad step (1-based; -1 while none) and a count, on the device until a check.
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step + 1, self._first_bad)
+        self._bad_steps += bad
+        if not self._skip_on_device and t.nonfinite == "stop" and bool(bad):
+            self.check_nonfinite(loss=total, norm=norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += t.global_batch * self.cfg.data.seq_len
-        return {"loss": total, "grad_norm": norm, "chunk_sizes": sizes, "skipped": skipped}
+        return {"loss": total, "grad_norm": norm, "chunk_sizes": sizes}
+
+    def check_nonfinite(self, loss: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None) -> int:
+        """Steps skipped for a non-finite loss/gradient norm since the last check (a host sync).
+        ``training.nonfinite=stop`` raises here; the skipped updates were never applied, so
+        the weights in memory and in every checkpoint are those of the last good step."""
+        count = int(self._bad_steps)
+        if not count:
+            return 0
+        first = int(self._first_bad)
+        self._bad_steps.zero_()
+        self._first_bad.fill_(-1)
+        detail = f" (loss {loss.item()}, grad norm {norm.item()})" if loss is not None and norm is not None else ""
+        if self.cfg.training.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {first}{detail}; the update was not "
+                                 f"applied; lower optimizer.lr, or set training.nonfinite=skip")
+        self.log(f"[warning] {count} step(s) skipped for a non-finite loss or gradient norm, the first at step "
+                 f"{first}{detail}")
+        return count
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -388,6 +424,9 @@ class Trainer:
             step = self.state.step
             if step % cfg.metrics.log_interval == 0 or step == t.steps:
                 loss = self._mean_over_dp(out["loss"])
+                if not math.isfinite(loss) and t.nonfinite == "stop":
+                    raise NonFiniteError(f"non-finite training loss {loss} at step {step}; lower optimizer.lr, or "
+                                         f"set training.nonfinite=skip")
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.time() - window_t
@@ -406,8 +445,9 @@ class Trainer:
                     row["chunk_sizes"] = out["chunk_sizes"]
                 if self.device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-                if out["skipped"]:
-                    row["skipped"] = True
+                skipped = self.check_nonfinite()
+                if skipped:
+                    row["skipped_steps"] = skipped
                 self.metrics.log(row)
                 window_t, window_steps = time.time(), 0
             else:
