@@ -125,7 +125,8 @@ class ParallelismConfig:
     tp: int = 1
     """Tensor-parallel degree (attention heads and MLP split across ranks)."""
     reshard_after_forward: Literal["default", "always", "never"] = "default"
-    """FSDP: free gathered parameters after forward (default: yes except for the last block)."""
+    """FSDP: free gathered parameters after forward (default: yes except for the last block, and
+    never when the shard group has one rank, where re-gathering is a copy for nothing)."""
 
 
 @dataclass

@@ -57,8 +57,8 @@ def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
     busy = 0.0
     for ev in prof.key_averages():
         t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        if not t or ev.device_type.name != "CUDA":
-            continue
+        if not t or ev.device_type.name != "CUDA" or "#" in ev.key or ev.key.startswith(("FSDP::", "## ")):
+            continue  # user annotations (optimizer step, FSDP phases, compiled graphs) repeat their kernels' time
         name = ev.key.lower()
         kind = next((k for k, subs in KERNEL_KINDS if any(s in name for s in subs)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + t / 1e3 / steps  # ms per step
@@ -118,6 +118,11 @@ def main() -> int:
         # No host sync inside the timed window (the trainer's loop has none between log
         # steps): CUDA events between steps give the per-step spread, one sync at the end.
         sizes = []
+        if trainer.curriculum is not None:  # compile every chunk size before timing
+            x, y = trainer.loader.next_batch()
+            for c in trainer.curriculum.sizes:
+                trainer.model(x, y, chunk_size=c).backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
         for _ in range(a.warmup):
             out = trainer.train_step()
         float(out["loss"])

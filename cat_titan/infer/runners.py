@@ -173,9 +173,9 @@ class SlotColumns(nn.Module):
         get some in-range position (finite values, masked until overwritten)."""
         C, S = self.chunk_size, layout.length
         col = torch.arange(self.length, device=lengths.device)  # (N,)
-        first = layout.prefix_len + (lengths // C) * C  # (B,) decoder position of the partial chunk's first token
+        first = layout.token_start + (lengths // C) * C  # (B,) decoder position of the partial chunk's first token
         tok = first[:, None] + (col - self.n_slots)[None]  # (B, N)
-        src = torch.where(col < self.n_slots, col, torch.where(self.kind == TOK, tok, 0))
+        src = torch.where(col < self.n_slots, layout.slot_start + col, torch.where(self.kind == TOK, tok, 0))
         return src.clamp(0, S - 1)
 
 
@@ -319,7 +319,7 @@ class CatRunner(Runner):
         B, Lp = tokens.shape  # Lp: a multiple of C
         if self.resized_proj:
             self.proj.copy_(m.compressor.proj_weight(C))  # (dim_fx, C * Dc)
-        x, layout = m.decoder_inputs(tokens, C)  # (B, S, D): [slots | tokens | pad]
+        x, layout = m.decoder_inputs(tokens, C)  # (B, S, D): [tokens | slots | pad]
         tables = layout.tables(x.device)
         cos, sin = m.rope.gather(tables.rope_pos)
         mask = cat_attention_mask(layout, m.args.attn_backend, x.device)
@@ -469,12 +469,7 @@ class StackRunner(Runner):
                     # CatAttention.forward, keeping the inner K/V and the chunk's inputs
                     ca = layer.attention
                     D = u.shape[-1]
-                    fx = ca.compress(u.reshape(B, Lp // C, C * D))  # (B, K, Dfx)
-                    Dfx = fx.shape[-1]
-                    parts = [ca.cond.weight.view(1, 1, Dfx).expand(B, 1, Dfx), fx, ca.expand(u)]
-                    if pad:
-                        parts.append(fx.new_zeros(B, pad, Dfx))
-                    h = torch.cat(parts, dim=1)  # (B, S, Dfx)
+                    h = ca.sequence(u, pad)  # (B, S, Dfx)
                     q, k, v = project_qkv(ca.inner, h, cat_cos, cat_sin)
                     cache.fill(k, v, src)
                     self._hidden(i).copy_(u.gather(1, chunk_idx[..., None].expand(-1, -1, D)))

@@ -122,8 +122,8 @@ class CAT(BaseModel):
         if self.adaptive:
             sep = self.separator.weight.view(1, 1, D).expand(B, K + 1, D)
             prefix = torch.stack([prefix, sep], dim=2).view(B, 2 * (K + 1), D)  # fx_k, sep_k, ...
-        layout = self.layout(L, C)
-        parts = [prefix, self.tok_embeddings(tokens)]  # (B, P, D), (B, L, D)
+        layout = self.layout(L, C)  # [tokens | slots | pad], see masks.py
+        parts = [self.tok_embeddings(tokens), prefix]  # (B, L, D), (B, P, D)
         if layout.length > layout.real_len:
             parts.append(prefix.new_zeros(B, layout.length - layout.real_len, D))
         return torch.cat(parts, dim=1), layout  # (B, S, D)

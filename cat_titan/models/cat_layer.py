@@ -46,16 +46,20 @@ class CatAttention(nn.Module):
         self.inner = Attention(Dfx, Dfx // hd, Dfx // hd, hd, args.qk_norm, args.norm_eps, fused=fused)
         self.final_proj = nn.Linear(Dfx, D, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: CatContext) -> Tensor:
+    def sequence(self, x: Tensor, pad: int) -> Tensor:
+        """Hidden states (B, L, D) -> the inner attention's sequence (B, S, Dfx):
+        [tokens | dummy, f(c_0..c_{K-1}) | pad], the layout of masks.py."""
         B, L, D = x.shape
         C = self.chunk_size
         fx = self.compress(x.reshape(B, L // C, C * D))  # (B, K, Dfx)
         Dfx = fx.shape[-1]
-        parts = [self.cond.weight.view(1, 1, Dfx).expand(B, 1, Dfx), fx, self.expand(x)]
-        if ctx.pad:
-            parts.append(fx.new_zeros(B, ctx.pad, Dfx))
-        h = torch.cat(parts, dim=1)  # (B, S, Dfx): [dummy, f(c_0..c_{K-1}) | tokens | pad]
-        h = self.inner(h, rope, ctx.mask)
+        parts = [self.expand(x), self.cond.weight.view(1, 1, Dfx).expand(B, 1, Dfx), fx]
+        if pad:
+            parts.append(fx.new_zeros(B, pad, Dfx))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: CatContext) -> Tensor:
+        h = self.inner(self.sequence(x, ctx.pad), rope, ctx.mask)
         h = h.index_select(1, ctx.out_index)  # (B, L, Dfx)
         return self.final_proj(h)  # (B, L, D)
 

@@ -120,12 +120,28 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+SHORT_SEQ = 64
+
+
+def short_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked attention over short sequences (the compressor's chunks: prefix + C
+    positions) as two batched matmuls and a float32 softmax. Flash kernels pad every
+    sequence to their 64-128 wide tiles: for B*K chunks of 9 positions this form was 1.3x
+    faster, forward + backward, on an H200 (tools/bench_attention.py)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: each KV head serves q/kv query heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, S, S)
+    return s.softmax(-1).to(v.dtype) @ v  # (B, H, S, hd)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     """q: (B, Hq, S, hd), k/v: (B, Hkv, S, hd) -> (B, Hq, S, hd)."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, str):  # "full": bidirectional (the compressor)
+        if q.shape[2] <= SHORT_SEQ:
+            return short_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -154,6 +154,11 @@ def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
     mesh = pdims.fsdp_mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     all_blocks = [b for blocks in block_lists(model) for b in blocks]
+    # "default": reshard after forward (all-gather again in backward) only where there is
+    # something to shard: with one shard rank the "all-gather" is a copy and a bf16 cast of
+    # every weight, done twice per step for nothing.
+    if reshard_after_forward == "default" and mesh.size() == 1:
+        reshard_after_forward = "never"
     for i, block in enumerate(all_blocks):
         # The last block's parameters are needed again at the start of backward.
         if reshard_after_forward == "default":

@@ -5,7 +5,8 @@ import torch
 
 from cat_titan.models.args import ModelArgs
 from cat_titan.models.base import ModelInputError
-from cat_titan.models.masks import (CatLayout, cat_mask_mod, dense_mask, reference_cat_mask, FX, SEP, TOK)
+from cat_titan.models.masks import (CatLayout, cat_mask_mod, dense_mask, layout_mask_mod, reference_cat_mask, FX, SEP,
+                                    TOK)
 from cat_titan.models.registry import PRESETS, _cat_keys, build_model, flops_per_token, get_preset
 
 DEBUG = ["debug-dense", "debug-cat", "debug-cat-adaptive", "debug-cat-layer", "debug-hybrid"]
@@ -43,6 +44,8 @@ def test_permuted_layout_equals_reference_mask(L, C, sep, pad):
     assert torch.equal(ours[n:, :], torch.eye(layout.length, dtype=torch.bool)[n:, :])
     assert not ours[:n, n:].any()
     assert layout.length % pad == 0
+    # The arithmetic mask function (the one the models use) is the table one exactly.
+    assert torch.equal(dense_mask(layout_mask_mod(layout), layout.length, "cpu"), ours)
 
 
 def test_attention_pair_count_matches_mask():
@@ -187,3 +190,15 @@ def test_presets_valid_and_sized():
     m = build_model(get_preset("cat-150m"), device="meta")
     n = m.num_params(exclude_embeddings=True)
     assert 300e6 < n < 450e6, n
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
+def test_short_attention_equals_sdpa(hq, hkv):
+    """The compressor's matmul-softmax attention is SDPA's function (float32, 1e-6)."""
+    from cat_titan.models.common import short_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, hq, 9, 16, generator=g)
+    k, v = (torch.randn(6, hkv, 9, 16, generator=g) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
+    assert torch.allclose(short_attention(q, k, v), want, atol=1e-6, rtol=0)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Time the attention kernels a CAT runs, in isolation, to see what the mask costs.
+
+Training (forward + backward of one decoder attention call, bf16, compiled FlexAttention):
+the CAT mask on the permuted layout (table lookups vs. arithmetic mask function; decoder
+length as is vs. padded to a multiple of 128), against causal attention of the same length
+(FlexAttention and SDPA) as the dense reference point.
+
+Decoding (one query per row over a KV cache, bf16, compiled): SDPA with a boolean mask (what
+the runners did), the same SDPA without a mask (lower bound for the kernel), and attention
+written out as matmul + masked softmax + matmul, which inductor fuses.
+
+    python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def timed(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds per call (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def tokens_first_mask_mod(L: int, C: int):
+    """The fixed-size CAT rule on the layout [t_0 .. t_{L-1} | fx_0 .. fx_K]: token blocks
+    start at position 0, aligned with the kernel's tiles."""
+    K = L // C
+
+    def mask_mod(b, h, q, kv):
+        q_tok, kv_tok = q < L, kv < L
+        gq = torch.where(q_tok, q // C, q - L)
+        gk = torch.where(kv_tok, kv // C, kv - L)
+        see_tok = q_tok & kv_tok & (gq == gk) & (kv <= q)
+        see_fx = ~kv_tok & (gk <= gq)
+        return see_tok | see_fx
+
+    return mask_mod
+
+
+def compressor_rows(N, S, H, hd, device) -> list[dict]:
+    """The compressor's attention: N = B*K chunks of S = prefix + C positions, bidirectional."""
+    rows = []
+    q, k, v = (torch.randn(N, H, S, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(N, H, S, hd, device=device, dtype=torch.bfloat16)
+
+    def manual(q, k, v):
+        s = (q @ k.transpose(-1, -2)).float() * hd ** -0.5
+        return s.softmax(-1).to(v.dtype) @ v
+
+    for label, fn in [("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)), ("matmul + softmax", manual)]:
+        f = torch.compile(fn, dynamic=False)
+        ms = timed(lambda: f(q, k, v).backward(g))
+        rows.append({"variant": f"compressor {label}", "N": N, "S": S, "ms_fwd_bwd": ms})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def train_rows(B, L, C, H, hd, device) -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from cat_titan.models.masks import CatLayout, cat_mask_mod, layout_mask_mod
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+
+    def run(label, S, mask_mod, sdpa_causal=False, pairs=None, block=128):
+        q, k, v = (torch.randn(B, H, S, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        g = torch.randn(B, H, S, hd, device=device, dtype=torch.bfloat16)
+        if sdpa_causal:
+            def step():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+            density = None
+        else:
+            try:
+                bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=S, KV_LEN=S, device=device, BLOCK_SIZE=block)
+            except Exception as e:  # an unsupported block size: record and go on
+                rows.append({"variant": label, "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                return
+            density = float(bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None
+                                                        else 0)) / (bm.kv_num_blocks.shape[-1] ** 2)
+
+            def step():
+                flex(q, k, v, block_mask=bm).backward(g)
+        try:
+            ms = timed(step)
+        except Exception as e:
+            rows.append({"variant": label, "error": repr(e)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            return
+        # useful work: 4 * pairs * hd FLOPs forward (QK^T and PV), x3.5 with backward
+        row = {"variant": label, "S": S, "ms_fwd_bwd": ms, "block_density": density}
+        if pairs is not None:
+            row["useful_tflops"] = 3.5 * 4 * pairs * hd * B * H / ms / 1e9
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    lay = CatLayout(L, C, False)
+    pad = CatLayout(L, C, False, 128)
+    tables = lay.tables(device)
+    idx = torch.arange(lay.length, device=device)
+    pairs = int(layout_mask_mod(lay)(None, None, idx[:, None], idx[None, :]).sum())
+    run("cat mask, table lookups", lay.length, cat_mask_mod(tables), pairs=pairs)
+    run("cat mask, arithmetic", lay.length, layout_mask_mod(lay), pairs=pairs)
+    run("cat mask, arithmetic, padded to 128", pad.length, layout_mask_mod(pad), pairs=pairs)
+    causal_pairs = lay.length * (lay.length + 1) // 2
+    for block in (128, (128, 64), 64):
+        run(f"cat mask, tokens first, block {block}", lay.length, tokens_first_mask_mod(L, C), pairs=pairs, block=block)
+    run("causal flex", lay.length, lambda b, h, q, kv: q >= kv, pairs=causal_pairs)
+    run("causal sdpa", lay.length, None, sdpa_causal=True, pairs=causal_pairs)
+    return rows
+
+
+def decode_rows(B, N, H, hd, device) -> list[dict]:
+    rows = []
+    q = torch.randn(B, H, 1, hd, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, N, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.rand(B, 1, 1, N, device=device) < 0.9
+    mask[..., 0] = True
+
+    def sdpa_mask(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def sdpa_nomask(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def manual(q, k, v, mask):
+        s = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, H, 1, N)
+        s = s.masked_fill(~mask, float("-inf"))
+        return (s.softmax(-1).to(v.dtype) @ v)  # (B, H, 1, hd)
+
+    def reduction(q, k, v, mask):  # one query: products and sums that inductor fuses (no GEMV)
+        s = (q.float() * k.float()).sum(-1) * hd ** -0.5  # (B, H, N)
+        s = s.masked_fill(~mask[:, :, 0], float("-inf"))
+        p = s.softmax(-1)
+        return (p[..., None] * v.float()).sum(-2, keepdim=True).to(v.dtype)  # (B, H, 1, hd)
+
+    ref = manual(q, k, v, mask).float()
+    for label, fn in [("sdpa, bool mask", sdpa_mask), ("sdpa, no mask", sdpa_nomask),
+                      ("matmul + masked softmax", manual), ("products + sums", reduction)]:
+        f = torch.compile(fn, dynamic=False)
+        for _ in range(3):
+            f(q, k, v, mask)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()  # replayed: kernel time without the host's call overhead
+        with torch.cuda.graph(graph):
+            for _ in range(50):
+                f(q, k, v, mask)
+        ms = timed(graph.replay, iters=5) / 50
+        err = None if "no mask" in label else float((f(q, k, v, mask).float() - ref).abs().max())
+        gbps = 2 * k.numel() * k.element_size() / ms / 1e6
+        row = {"variant": label, "B": B, "N": N, "us": ms * 1e3, "kv_GBps": gbps, "max_err_vs_manual": err}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--decode", default="64x266,64x97,320x161",
+                   help="decode shapes BATCHxCOLUMNS, comma-separated ('' to skip)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    dev = torch.device("cuda")
+    out = {"train": train_rows(a.batch, a.seq, a.chunk, a.heads, a.head_dim, dev), "decode": []}
+    out["compressor"] = compressor_rows(a.batch * a.seq // a.chunk, a.chunk + 1, a.heads // 2, a.head_dim, dev)
+    for shape in filter(None, a.decode.split(",")):
+        b, n = (int(x) for x in shape.split("x"))
+        out["decode"] += decode_rows(b, n, a.heads, a.head_dim, dev)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
