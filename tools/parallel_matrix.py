@@ -13,8 +13,12 @@ median of the per-step tokens/s per device after --skip steps (compilation exclu
 Writes OUT/matrix.json and OUT/matrix.md; runs already in OUT/matrix.json are not repeated
 (--only picks runs by name, e.g. fsdp-compile-none, so a long matrix can be split into calls).
 
-Tolerance (bf16): different layouts reduce in different orders, so losses drift apart by
-rounding; a run agrees when every step's loss is within --rtol (default 2%) of the baseline's.
+Tolerance (bf16): layouts, fusions and checkpointing round differently, so single-step
+losses differ by up to ~2% after 50 steps even where the math is identical (measured on the
+reference-sized CAT: FSDP eager vs compiled, with and without AC: mean per-step difference
+0.15-0.19%, last-10-step means within 0.11%). A run agrees when its mean per-step relative
+difference and the relative difference of its last-10-step mean loss are both within --rtol
+(default 0.5%, ~3x that noise floor).
 """
 
 from __future__ import annotations
@@ -64,34 +68,41 @@ def summarize(name: str, rows: list[dict], skip: int, rc: int, seconds: float) -
             "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in rows) if rows else None}
 
 
-def compare(base: list[float], other: list[float]) -> dict:
+def compare(base: list[float], other: list[float], tail: int = 10) -> dict:
+    """Per-step relative differences, and the difference of the means of the last ``tail``
+    steps (single steps are noisy: one batch's loss moves with rounding)."""
     n = min(len(base), len(other))
     if not n:
-        return {"max_abs": None, "max_rel": None}
+        return {"max_abs": None, "max_rel": None, "mean_rel": None, "tail_rel": None}
     diffs = [abs(a - b) for a, b in zip(base[:n], other[:n])]
     rels = [d / abs(a) for d, a in zip(diffs, base[:n])]
-    return {"max_abs": max(diffs), "max_rel": max(rels), "final_abs": diffs[-1]}
+    k = min(tail, n)
+    tb, to = sum(base[n - k:n]) / k, sum(other[n - k:n]) / k
+    return {"max_abs": max(diffs), "max_rel": max(rels), "mean_rel": sum(rels) / n, "tail_rel": abs(to - tb) / abs(tb)}
 
 
 def render(results: list[dict], rtol: float, config: str, nproc: int) -> str:
     base = results[0] if results else None
     lines = [f"Loss-curve agreement and speed: `{config}` on {nproc} processes, baseline `{base['name']}`"
              if base else "no runs", "",
-             "| run | steps | tokens/s per device | MFU | peak memory (GB) | max abs loss diff | max rel diff | agrees |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| run | steps | tokens/s per device | MFU | peak memory (GB) | max rel diff (one step) | "
+             "mean rel diff | last-10 mean rel diff | agrees |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         c = compare(base["losses"], r["losses"]) if base else {}
-        ok = r["rc"] == 0 and c.get("max_rel") is not None and c["max_rel"] <= rtol and r["steps"] == base["steps"]
+        ok = (r["rc"] == 0 and r["steps"] == base["steps"] and c.get("mean_rel") is not None
+              and c["mean_rel"] <= rtol and c["tail_rel"] <= rtol)
         r["agrees"] = ok
         r.update({f"vs_base_{k}": v for k, v in c.items()})
         status = "yes" if ok else (f"NO (exit {r['rc']})" if r["rc"] else "NO")
         tps = f"{r['tokens_per_sec_per_device']:,.0f}" if r["tokens_per_sec_per_device"] else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "-"
-        fmt = (lambda x: f"{x:.2e}" if x is not None else "-")
-        lines.append(f"| {r['name']} | {r['steps']} | {tps} | {mfu} | {mem} | {fmt(c.get('max_abs'))} | "
-                     f"{fmt(c.get('max_rel'))} | {status} |")
-    lines += ["", f"Agreement: every step's loss within {rtol:.0%} (relative) of the baseline's."]
+        pct = (lambda x: f"{x:.2%}" if x is not None else "-")
+        lines.append(f"| {r['name']} | {r['steps']} | {tps} | {mfu} | {mem} | {pct(c.get('max_rel'))} | "
+                     f"{pct(c.get('mean_rel'))} | {pct(c.get('tail_rel'))} | {status} |")
+    lines += ["", f"Agrees: finished every step, and both the mean per-step relative loss difference and the "
+                  f"relative difference of the last-10-step mean losses are within {rtol:.1%} of the baseline."]
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +119,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--skip", type=int, default=10, help="steps excluded from the throughput median")
-    p.add_argument("--rtol", type=float, default=0.02)
+    p.add_argument("--rtol", type=float, default=0.005,
+                   help="agreement tolerance (relative) on the mean per-step difference and the last-10 mean")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--stop-after", type=float, default=None,
                    help="start no new run after this many seconds (the rest stay for a later call)")
@@ -172,9 +184,10 @@ def main() -> int:
         results.append(r)
         done[name] = r
         store.write_text(json.dumps({"config": a.config, "nproc": a.nproc, "runs": list(done.values())}, indent=1))
-    md = render(results, a.rtol, a.config, a.nproc)
+    md = render(results, a.rtol, a.config, a.nproc)  # this invocation's plan; matrix.json keeps every run
     (a.out / "matrix.md").write_text(md)
-    store.write_text(json.dumps({"config": a.config, "nproc": a.nproc, "rtol": a.rtol, "runs": results}, indent=1))
+    store.write_text(json.dumps({"config": a.config, "nproc": a.nproc, "rtol": a.rtol, "runs": list(done.values())},
+                                indent=1))
     print(md, flush=True)
     return 0 if results and all(r.get("agrees") for r in results) else 1
 

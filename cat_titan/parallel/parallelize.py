@@ -63,13 +63,23 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     return lists
 
 
-def refuse_unsupported(device_type: str, tp: int, compile_: bool) -> Optional[str]:
+def refuse_unsupported(device_type: str, tp: int, compile_: bool, ac: str = "none") -> Optional[str]:
     """Combinations known to compute wrong results or crash: refuse them at start."""
     if tp > 1 and compile_ and device_type == "cpu":
         return (f"parallelism.tp={tp} with training.compile=true is not supported on CPU: with torch "
                 f"{torch.__version__.split('+')[0]} it crashed in backward, and FSDP x TP compiled gave a wrong "
                 f"embedding gradient (eager is exact); compiling on CPU is too slow for the test suite to keep the "
                 f"fixes verified; set training.compile=false or parallelism.tp=1")
+    if tp > 1 and compile_ and ac != "none":
+        # Measured (reference-sized CAT, 2 H200s, torch 2.11): full and selective crashed
+        # (the last block's output stayed a DTensor), every_n trained but its loss drifted
+        # 10x further from the other layouts than bf16 rounding moves them; on CPU (torch
+        # 2.13) every_n and full failed in AOTAutograd and selective gave wrong gradients.
+        return (f"parallelism.tp={tp} with training.compile=true and training.activation_checkpoint={ac} is not "
+                f"supported: compiled activation checkpointing of tensor-parallel blocks crashed or computed wrong "
+                f"gradients (measured on H200 with torch 2.11 and on CPU with torch 2.13); use "
+                f"training.activation_checkpoint=none, or training.compile=false (eager TP with checkpointing is "
+                f"exact), or parallelism.tp=1")
     return None
 
 
@@ -133,6 +143,14 @@ def recompile_limit(model: nn.Module) -> int:
     return 2 * sizes * len(kinds) + 8
 
 
+def static_shapes(model: nn.Module, tp: int) -> bool:
+    """Compile static graphs where shapes change by design: one per chunk size for adaptive
+    CATs (automatic dynamic shapes would replace them, after the first size change, by one
+    dynamic graph for every size: measured 15% slower on an H200 with the random curriculum),
+    and always under TP (see apply_compile)."""
+    return tp > 1 or model.args.kind == "cat_adaptive"
+
+
 def apply_compile(model: nn.Module, dynamic: Optional[bool] = None) -> None:
     """``dynamic``: torch.compile's (None: static first, then dynamic shapes on a change).
     Tensor-parallel blocks compile with dynamic=False: one graph per shape (chunk size),
@@ -173,7 +191,7 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, compile_: bool, ac: st
                 param_dtype: torch.dtype, use_fsdp: bool, reshard_after_forward: str = "default",
                 sequence_parallel: bool = True) -> nn.Module:
     """TP -> activation checkpointing -> per-block compile -> FSDP (see the module docstring)."""
-    problem = refuse_unsupported(pdims.device.type, pdims.tp, compile_)
+    problem = refuse_unsupported(pdims.device.type, pdims.tp, compile_, ac)
     if problem:
         raise ValueError(problem)
     if pdims.tp > 1:
@@ -182,7 +200,7 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, compile_: bool, ac: st
             model.decoder_pad_multiple = math.lcm(model.decoder_pad_multiple, pdims.tp)
     apply_ac(model, ac, ac_every)
     if compile_:
-        apply_compile(model, dynamic=False if pdims.tp > 1 else None)
+        apply_compile(model, dynamic=False if static_shapes(model, pdims.tp) else None)
     if use_fsdp:
         apply_fsdp(model, pdims, param_dtype, reshard_after_forward)
     return model

@@ -125,7 +125,8 @@ def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
     from ..export import ExportError, exported_model_args
 
     device = resolve_device(cfg)
-    problem = refuse_unsupported(device.type, cfg.parallelism.tp, cfg.training.compile)
+    problem = refuse_unsupported(device.type, cfg.parallelism.tp, cfg.training.compile,
+                                 cfg.training.activation_checkpoint)
     if problem:
         raise ConfigError([problem])
     args = cfg.model.args()
@@ -391,9 +392,16 @@ class Trainer:
         ids = torch.tensor([tok.encode(t.sample_prompt) or [tok.eot_id]], device=self.device)
         vocab = min(tok.vocab_size, self.model_args.vocab_size)  # the model may pad beyond the tokenizer
         self.model.eval()
+        seq_len = self.cfg.data.seq_len
         for _ in range(t.sample_tokens):
-            window = ids[:, -self.cfg.data.seq_len:]
-            nxt = self.model(window)[:, -1, :vocab].argmax(-1, keepdim=True)
+            window = ids[:, -seq_len:]
+            n = window.shape[1]
+            # Causal models: zeros after the window change nothing before it. Padding to a
+            # power of two (at least 64, at most seq_len) keeps compiled blocks to a few
+            # static shapes instead of one per length.
+            bucket = min(seq_len, max(64, 1 << (n - 1).bit_length()))
+            padded = torch.nn.functional.pad(window, (0, max(0, bucket - n)))
+            nxt = self.model(padded)[:, n - 1, :vocab].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         self.model.train()
         return tok.decode(ids[0].tolist())
@@ -445,6 +453,10 @@ class Trainer:
                     row["chunk_sizes"] = out["chunk_sizes"]
                 if self.device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                if t.compile:  # grows only while new shapes (e.g. chunk sizes) are first seen
+                    from torch._dynamo.utils import counters
+
+                    row["graphs_compiled"] = counters["stats"]["unique_graphs"]
                 skipped = self.check_nonfinite()
                 if skipped:
                     row["skipped_steps"] = skipped

@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cat_titan.models.registry import build_model, get_preset
-from cat_titan.parallel.parallelize import apply_ac, apply_compile, recompile_limit, refuse_unsupported
+from cat_titan.parallel.parallelize import (apply_ac, apply_compile, recompile_limit, refuse_unsupported,
+                                             static_shapes)
 
 DEBUG = ["debug-dense", "debug-cat", "debug-cat-adaptive", "debug-hybrid"]
 
@@ -71,4 +72,29 @@ def test_refusals():
     assert "parallelism.tp=2 with training.compile=true is not supported on CPU" in msg
     assert refuse_unsupported("cpu", 2, False) is None
     assert refuse_unsupported("cpu", 1, True) is None
-    assert refuse_unsupported("cuda", 2, True) is None  # not measured to fail on CUDA
+    assert refuse_unsupported("cuda", 2, True) is None  # measured to match FSDP on 2 H200s
+    for ac in ("full", "every_n", "selective"):  # measured to crash or train wrongly on H200 and CPU
+        msg = refuse_unsupported("cuda", 2, True, ac)
+        assert f"activation_checkpoint={ac}" in msg and "activation_checkpoint=none" in msg
+        assert refuse_unsupported("cuda", 2, False, ac) is None  # eager TP + AC is exact (test_tp.py)
+        assert refuse_unsupported("cuda", 1, True, ac) is None
+
+
+def test_adaptive_cat_compiles_one_graph_per_chunk_size_once():
+    """The trainer's compile setting for adaptive CATs: a static graph per chunk size and
+    block kind, compiled at the first use of that size and never again (~30 s on CPU)."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(get_preset("debug-cat-adaptive"), seed=0)
+    assert static_shapes(model, tp=1) and not static_shapes(build_model(get_preset("debug-cat"), device="meta"), 1)
+    torch._dynamo.reset()
+    counters.clear()
+    apply_compile(model, dynamic=False if static_shapes(model, 1) else None)
+    x = torch.randint(0, 256, (2, 64))
+    graphs = []
+    for c in (2, 8, 4, 2, 8, 4):
+        model(x, x, chunk_size=c).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    # 2 block kinds (decoder, compressor) x 3 chunk sizes, each compiled at its first use
+    # (a dynamic graph would have served the third size without compiling: 2, 4, 4, ...)
+    assert graphs == [2, 4, 6, 6, 6, 6], graphs
