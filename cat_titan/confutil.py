@@ -417,6 +417,12 @@ def _convert_choice(tp: Any, value: Any, path: str, probs: _Problems) -> Any:
         for choice in allowed:
             if _same(choice, value):
                 return choice
+        # YAML 1.1 reads on/off/yes/no as booleans: map them back where the choices are words.
+        if isinstance(value, bool):
+            for words in (("on", "off"), ("true", "false"), ("yes", "no")):
+                word = words[0] if value else words[1]
+                if word in allowed:
+                    return word
     hint = ""
     if isinstance(value, str):
         hit = _suggest(value, [a for a in allowed if isinstance(a, str)])

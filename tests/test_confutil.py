@@ -573,3 +573,13 @@ def test_unresolvable_annotation_is_a_clear_type_error() -> None:
 def test_module_exports_exist() -> None:
     for name in confutil.__all__:
         assert hasattr(confutil, name), name
+
+
+def test_yaml_boolean_words_map_back_to_word_choices(tmp_path) -> None:
+    """metrics.progress=off: YAML 1.1 reads `off` as False; the choice 'off' is meant."""
+    from cat_titan.config import load_config
+
+    cfg = load_config(None, ["metrics.progress=off", "job.run_dir=x"])
+    assert cfg.metrics.progress == "off"
+    cfg = load_config(None, ["metrics.progress=on", "job.run_dir=x"])
+    assert cfg.metrics.progress == "on"

@@ -7,7 +7,8 @@ checkpointing modes, and check that the loss curves agree; one command for the w
 
 Each run is ``torchrun --standalone --nproc_per_node=N train.py`` with the same data, seed,
 global batch and schedule; layouts: ``fsdp`` (dp_shard=N), ``tp`` (tp=N, one data-parallel
-rank), ``fsdp_tp`` (dp_shard=N/2 x tp=2). Every step is logged, so each run's curve has one
+rank), ``fsdp_tp`` (dp_shard=N/2 x tp=2), ``hsdp`` (2 replicas x dp_shard=N/2), ``hsdp_tp``
+(2 x N/4 x tp=2). Every step is logged, so each run's curve has one
 loss per step; the first run is the baseline the others are compared with. Throughput is the
 median of the per-step tokens/s per device after --skip steps (compilation excluded).
 Writes OUT/matrix.json and OUT/matrix.md; runs already in OUT/matrix.json are not repeated
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = ("fsdp", "tp", "fsdp_tp")
+LAYOUTS = ("fsdp", "tp", "fsdp_tp", "hsdp", "hsdp_tp")
 
 
 def run_name(layout: str, compile_: str, ac: str) -> str:
@@ -49,6 +50,10 @@ def layout_overrides(layout: str, nproc: int, global_batch: int) -> list[str]:
         return [f"parallelism.tp={nproc}", f"training.micro_batch={global_batch}"]
     if layout == "fsdp_tp":
         return ["parallelism.tp=2", f"training.micro_batch={global_batch // (nproc // 2)}"]
+    if layout == "hsdp":
+        return ["parallelism.dp_replicate=2", "parallelism.tp=1", f"training.micro_batch={global_batch // nproc}"]
+    if layout == "hsdp_tp":
+        return ["parallelism.dp_replicate=2", "parallelism.tp=2", f"training.micro_batch={global_batch // (nproc // 2)}"]
     raise ValueError(layout)
 
 
