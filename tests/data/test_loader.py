@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cat_titan.data.loader import TokenLoader, validation_batches
+from cat_titan.data.loader import Shuffle, TokenLoader, validation_batches
 from cat_titan.data.shards import DataError, ShardedTokens, write_shards
 from cat_titan.data.tokenizer import get_tokenizer
 
@@ -48,7 +48,7 @@ def test_windows_follow_the_ordering_rule(data_dir):
     n = (len(tokens) - 1) // SEQ
     loader = TokenLoader(data_dir, seq_len=SEQ, global_batch=GB, micro_batch=4, seed=7)
     assert loader.num_windows == n == 165
-    order = np.concatenate([np.random.default_rng([7, e]).permutation(n) for e in range(2)])
+    order = np.concatenate([Shuffle(n, 7, e)(np.arange(n)) for e in range(2)])
     for b in range(60):  # 240 samples: past the epoch boundary at 165
         inputs, labels = loader.next_batch()
         assert inputs.dtype == labels.dtype == torch.int64
@@ -107,6 +107,46 @@ def test_state_restores_under_another_dp_world(data_dir):
             loader.load_state_dict(states[0])
         for want in expected:
             assert torch.equal(_step(loaders), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 165, 1000, 4097, 65536, 100_003])
+def test_shuffle_is_a_bijection_keyed_by_seed_and_epoch(n):
+    order = Shuffle(n, 7, 0)(np.arange(n))
+    assert sorted(order.tolist()) == list(range(n))
+    assert np.array_equal(Shuffle(n, 7, 0)(np.arange(n)), order)  # a pure function of (n, seed, epoch)
+    if n >= 1000:
+        assert not np.array_equal(Shuffle(n, 7, 1)(np.arange(n)), order)
+        assert not np.array_equal(Shuffle(n, 8, 0)(np.arange(n)), order)
+        assert abs(np.corrcoef(order, np.arange(n))[0, 1]) < 0.05  # no trace of the input order
+        assert (order == np.arange(n)).mean() < 0.01
+
+
+def test_shuffle_needs_no_memory_per_window():
+    """1T tokens at seq_len 2048: any index evaluates alone, without an N-sized table."""
+    n = 488_281_250
+    s = Shuffle(n, 0, 3)
+    some = s(np.array([0, 1, n - 1]))
+    assert ((0 <= some) & (some < n)).all() and len(set(some.tolist())) == 3
+    with pytest.raises(IndexError):
+        s(np.array([n]))
+
+
+def test_version_1_state_resumes_in_its_original_order(data_dir):
+    """Checkpoints written before the Feistel shuffle continue the numpy-permutation stream."""
+    tokens = ShardedTokens(data_dir)[:].astype(np.int64)
+    kw = dict(seq_len=SEQ, global_batch=GB, micro_batch=4, seed=5)
+    loader = TokenLoader(data_dir, **kw)
+    state = {**loader.state_dict(), "version": 1, "samples_consumed": 160}  # 5 samples before the epoch ends
+    loader.load_state_dict(state)
+    n = loader.num_windows
+    order = np.concatenate([np.random.default_rng([5, e]).permutation(n) for e in range(2)])
+    for b in range(4):
+        inputs, _ = loader.next_batch()
+        for row, w in enumerate(order[160 + 4 * b: 164 + 4 * b]):
+            assert inputs[row].tolist() == tokens[w * SEQ: w * SEQ + SEQ].tolist()
+    assert loader.state_dict()["version"] == 1  # and it is saved as what it is
+    with pytest.raises(DataError, match="version 99"):
+        TokenLoader(data_dir, **kw).load_state_dict({**state, "version": 99})
 
 
 def test_mismatched_state_raises(data_dir, tmp_path):
