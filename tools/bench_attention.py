@@ -41,7 +41,6 @@ def timed(fn, iters: int = 20, warmup: int = 3) -> float:
 def tokens_first_mask_mod(L: int, C: int):
     """The fixed-size CAT rule on the layout [t_0 .. t_{L-1} | fx_0 .. fx_K]: token blocks
     start at position 0, aligned with the kernel's tiles."""
-    K = L // C
 
     def mask_mod(b, h, q, kv):
         q_tok, kv_tok = q < L, kv < L

@@ -168,8 +168,9 @@ def main() -> int:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
             print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
-                  f"peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, min {row['step_s_min'] * 1e3:.1f}, "
-                  f"max {row['step_s_max'] * 1e3:.1f}) on {world} x {row['device_name']}", flush=True)
+                  f"peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, "
+                  f"min {row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}) on {world} x "
+                  f"{row['device_name']}", flush=True)
             if breakdown:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "

@@ -53,7 +53,8 @@ def layout_overrides(layout: str, nproc: int, global_batch: int) -> list[str]:
     if layout == "hsdp":
         return ["parallelism.dp_replicate=2", "parallelism.tp=1", f"training.micro_batch={global_batch // nproc}"]
     if layout == "hsdp_tp":
-        return ["parallelism.dp_replicate=2", "parallelism.tp=2", f"training.micro_batch={global_batch // (nproc // 2)}"]
+        return ["parallelism.dp_replicate=2", "parallelism.tp=2",
+                f"training.micro_batch={global_batch // (nproc // 2)}"]
     raise ValueError(layout)
 
 

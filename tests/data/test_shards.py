@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import pickle
 import subprocess
 import sys
