@@ -177,13 +177,24 @@ def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
     # every weight, done twice per step for nothing.
     if reshard_after_forward == "default" and mesh.size() == 1:
         reshard_after_forward = "never"
-    for i, block in enumerate(all_blocks):
-        # The last block's parameters are needed again at the start of backward.
-        if reshard_after_forward == "default":
-            reshard = i < len(all_blocks) - 1
-        else:
-            reshard = reshard_after_forward == "always"
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+
+    def reshard(last_in_forward: bool) -> bool:
+        if reshard_after_forward == "default":  # what backward needs first stays gathered
+            return not last_in_forward
+        return reshard_after_forward == "always"
+
+    # The decoder's last block runs last in forward (a CAT's compressor runs first).
+    for block in all_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard(block is model.layers[-1]))
+    # Embeddings and the output head are their own units (as in torchtitan): otherwise the
+    # root gathers the head's vocabulary weight with the embeddings at the start of forward
+    # and reduces its gradient only after the whole backward, with nothing to overlap.
+    # They are called as modules, so FSDP's hooks see them (the CAT glue that model code
+    # reads as raw .weight stays in the root).
+    embeddings = [model.tok_embeddings] + ([model.compressor.tok_embeddings] if hasattr(model, "compressor") else [])
+    for emb in embeddings:
+        fully_shard(emb, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard(False))
+    fully_shard(model.head, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard(True))
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward != "never")
 
 

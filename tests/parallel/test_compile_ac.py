@@ -98,3 +98,27 @@ def test_adaptive_cat_compiles_one_graph_per_chunk_size_once():
     # 2 block kinds (decoder, compressor) x 3 chunk sizes, each compiled at its first use
     # (a dynamic graph would have served the third size without compiling: 2, 4, 4, ...)
     assert graphs == [2, 4, 6, 6, 6, 6], graphs
+
+
+def _fsdp_units(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from cat_titan.parallel.mesh import build_parallel_dims
+    from cat_titan.parallel.parallelize import parallelize
+
+    dist.init_process_group("gloo")
+    model = build_model(get_preset("debug-cat"), device="meta")
+    parallelize(model, build_parallel_dims(1, world, 1, torch.device("cpu")), compile_=False, ac="none", ac_every=2,
+                param_dtype=torch.float32, use_fsdp=True)
+    units = [model.tok_embeddings, model.compressor.tok_embeddings, model.head, model, *model.layers,
+             *model.compressor.layers]
+    return all(isinstance(m, FSDPModule) for m in units)
+
+
+def test_fsdp_units_embeddings_and_head_separately():
+    """Embeddings and the output head are FSDP units of their own (their all-gather and
+    reduce-scatter overlap with the blocks' compute instead of the root's)."""
+    from ..distributed import launch
+
+    assert launch(_fsdp_units, 2) == [True, True]
