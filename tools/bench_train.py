@@ -53,17 +53,14 @@ KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match win
 
 def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
     """Device time per step by kernel category, and how busy the GPU was over the wall time."""
+    from cat_titan.infer.profiling import kernel_rows
+
     by_kind: dict = {}
-    busy = 0.0
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        if not t or ev.device_type.name != "CUDA" or "#" in ev.key or ev.key.startswith(("FSDP::", "## ")):
-            continue  # user annotations (optimizer step, FSDP phases, compiled graphs) repeat their kernels' time
-        name = ev.key.lower()
+    for row in kernel_rows(prof, steps, "cuda"):
+        name = row["name"].lower()
         kind = next((k for k, subs in KERNEL_KINDS if any(s in name for s in subs)), "other")
-        by_kind[kind] = by_kind.get(kind, 0.0) + t / 1e3 / steps  # ms per step
-        busy += t / 1e3 / steps
-    wall_ms = wall_s * 1e3 / steps
+        by_kind[kind] = by_kind.get(kind, 0.0) + row["us_per_step"] / 1e3  # ms per step
+    busy, wall_ms = sum(by_kind.values()), wall_s * 1e3 / steps
     return {"wall_ms_per_step": wall_ms, "kernel_ms_per_step": busy, "gpu_busy_fraction": busy / wall_ms,
             "ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
 

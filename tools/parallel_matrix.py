@@ -65,13 +65,15 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 
 def summarize(name: str, rows: list[dict], skip: int, rc: int, seconds: float) -> dict:
-    steady = [r["tokens_per_sec_per_device"] for r in rows if r["step"] > skip]
+    steady = [r for r in rows if r["step"] > skip]
+
+    def median(key):
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
     return {"name": name, "rc": rc, "seconds": round(seconds, 1), "steps": len(rows),
-            "losses": [r["loss"] for r in rows],
-            "tokens_per_sec_per_device": statistics.median(steady) if steady else None,
-            "mfu": statistics.median([r["mfu"] for r in rows if r["step"] > skip and r.get("mfu") is not None])
-            if steady and rows[-1].get("mfu") is not None else None,
-            "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in rows) if rows else None}
+            "losses": [r["loss"] for r in rows], "tokens_per_sec_per_device": median("tokens_per_sec_per_device"),
+            "mfu": median("mfu"), "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in rows) if rows else None}
 
 
 def compare(base: list[float], other: list[float], tail: int = 10) -> dict:
@@ -149,16 +151,14 @@ def main() -> int:
     start = time.time()
     for lay, comp, ac in plan:
         name = run_name(lay, comp, ac)
-        if a.stop_after is not None and time.time() - start > a.stop_after and name not in done:
-            print(f"[matrix] {name}: not started (--stop-after {a.stop_after:.0f} s)", flush=True)
-            continue
-        if only and name not in only:
-            if name in done:
-                results.append(done[name])
-            continue
         if name in done:
             results.append(done[name])
             print(f"[matrix] {name}: already measured", flush=True)
+            continue
+        if only and name not in only:
+            continue
+        if a.stop_after is not None and time.time() - start > a.stop_after:
+            print(f"[matrix] {name}: not started (--stop-after {a.stop_after:.0f} s)", flush=True)
             continue
         run_dir = work / name
         shutil.rmtree(run_dir, ignore_errors=True)

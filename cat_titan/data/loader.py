@@ -124,11 +124,9 @@ class _Windows(Dataset):
             # One epoch's order kept: the stream moves forward, a batch crosses a boundary at most once.
             self._epoch = epoch
             if self.version == 1:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows).__getitem__
             else:
                 self._order = Shuffle(self.num_windows, self.seed, epoch)
-        if self.version == 1:
-            return int(self._order[i])
         return int(self._order(i))
 
     def __getitem__(self, start: int) -> Batch:

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from ..parallel.parallelize import compiled_graphs
 from .generate import generate, runner_chunk_size
 from .runners import Runner, make_runner
 
@@ -94,13 +95,6 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     if cfg.compile:
         runner.compile_step(mode="reduce-overhead" if cfg.cuda_graphs else None)
     return runner
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far (to spot recompiles while timing)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 @torch.no_grad()

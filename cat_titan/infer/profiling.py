@@ -109,15 +109,22 @@ def _events(prof):
     return prof.key_averages()
 
 
+def _is_kernel(e) -> bool:
+    """A device-side event (kernel, copy): not a CPU op, which reports the time of the kernels
+    it launched again, nor a profiler annotation (optimizer step, FSDP phase, a compiled
+    graph's call), which spans its kernels' time."""
+    return e.device_type.name == "CUDA" and "#" not in e.key and not e.key.startswith(("FSDP::", "## "))
+
+
 def kernel_rows(prof, steps: int, device_type: str) -> list[dict]:
-    """Per-op (CPU) or per-kernel (CUDA) totals of a profile, per decode step, heaviest first."""
+    """Per-op (CPU) or per-kernel (CUDA) totals of a profile, per step, heaviest first."""
     rows = []
     for e in _events(prof):
         if device_type == "cuda":
             t = getattr(e, "self_device_time_total", None)
             if t is None:
                 t = e.self_cuda_time_total
-            if not t or e.key in HOST_CALLS:
+            if not t or not _is_kernel(e):
                 continue
         else:
             t = e.self_cpu_time_total

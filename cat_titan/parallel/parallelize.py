@@ -165,6 +165,13 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None) -> None:
             block.compile(**kwargs)  # in place: parameter names keep no "_orig_mod." prefix
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (to spot recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
                reshard_after_forward: str = "default") -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -35,8 +35,8 @@ from ..config import Config, load_config, save_config
 from ..confutil import ConfigError
 from ..models.registry import build_model, flops_per_token
 from ..parallel.mesh import ParallelDims, build_parallel_dims
-from ..parallel.parallelize import (clip_grad_norm_, loss_parallel_context, param_groups, parallelize,
-                                    refuse_unsupported)
+from ..parallel.parallelize import (clip_grad_norm_, compiled_graphs, loss_parallel_context, param_groups,
+                                    parallelize, refuse_unsupported)
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
                          load_model_weights, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
@@ -321,12 +321,16 @@ class Trainer:
         if self._skip_on_device:
             self.optimizer.found_inf = bad.float()  # 1.0: the fused kernel leaves params and state alone
             self.optimizer.step()
-        elif not bool(bad):  # a host sync: the foreach/for-loop optimizers cannot skip on the device
-            self.optimizer.step()
+            stop_now = False  # reported at the next check
+        else:  # a host sync: the foreach/for-loop optimizers cannot skip on the device
+            stop_now = bool(bad)
+            if not stop_now:
+                self.optimizer.step()
+            stop_now = stop_now and t.nonfinite == "stop"
         # First bad step (1-based; -1 while none) and a count, on the device until a check.
         self._first_bad = torch.where(bad & (self._first_bad < 0), step + 1, self._first_bad)
         self._bad_steps += bad
-        if not self._skip_on_device and t.nonfinite == "stop" and bool(bad):
+        if stop_now:
             self.check_nonfinite(loss=total, norm=norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -454,9 +458,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
                 if t.compile:  # grows only while new shapes (e.g. chunk sizes) are first seen
-                    from torch._dynamo.utils import counters
-
-                    row["graphs_compiled"] = counters["stats"]["unique_graphs"]
+                    row["graphs_compiled"] = compiled_graphs()
                 skipped = self.check_nonfinite()
                 if skipped:
                     row["skipped_steps"] = skipped

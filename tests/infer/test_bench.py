@@ -34,3 +34,23 @@ def test_bench_generate_rejects_bad_chunk_size():
            "--dense-preset", "", "--chunk-sizes", "3", "--batch", "1", "--gen-len", "2", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode != 0 and "not valid" in out.stderr, out.stderr
+
+
+def test_cuda_kernel_rows_count_kernels_once():
+    """Device-time tables (bench_generate --profile, bench_train --profile) keep device-side
+    events only: a CPU op and a profiler annotation report their kernels' time again. The
+    events are built by hand: no CUDA profiler runs here."""
+    from types import SimpleNamespace
+
+    from cat_titan.infer.profiling import kernel_rows
+
+    def event(key, device, us):
+        return SimpleNamespace(key=key, device_type=SimpleNamespace(name=device), self_device_time_total=us, count=2)
+
+    events = [event("nvjet_sm90_tst_192x192", "CUDA", 300.0), event("aten::mm", "CPU", 300.0),
+              event("Optimizer.step#AdamW.step", "CUDA", 100.0), event("triton_poi_fused_add", "CUDA", 100.0),
+              event("## Call CompiledFxGraph abc ##", "CUDA", 400.0), event("FSDP::pre_forward", "CUDA", 50.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    rows = kernel_rows(prof, 2, "cuda")
+    assert [r["name"] for r in rows] == ["nvjet_sm90_tst_192x192", "triton_poi_fused_add"]
+    assert rows[0]["us_per_step"] == 150.0 and abs(rows[0]["share"] - 0.75) < 1e-9
