@@ -9,28 +9,29 @@ the token being fed, chunk ``pos // C`` and phase ``pos % C`` follow from it, so
 different lengths need no shifting and chunk boundaries stay where the model saw them in
 training (prompts are right-padded for the prefill; see generate.py).
 
-Cache layouts (columns of a ``(B, heads, N, head_dim)`` K/V buffer, identical for all rows):
+Cache layouts (columns of a ``(B, heads, N, head_dim)`` K/V buffer). Every cache is
+*column-causal*: a query written at column c sees exactly the columns [0, c], so a decode
+step passes only each query's visible length ``c + 1`` to ``decode_attention`` (no mask;
+on CUDA a kernel that reads only those columns):
 
-* dense layer: ``N = max_len``, column ``t`` holds position ``t``; the query at ``pos``
-  sees columns ``<= pos`` (junk beyond a row's prompt is masked until overwritten).
-* CAT decoder / CAT layer: ``[slots | current chunk | scratch]``. Slot columns hold the
-  compressed past in the decoder order of masks.py (``fx_0, fx_1, ..`` or adaptive
-  ``fx_0, sep_0, fx_1, sep_1, ..``), ``stride * (max_len // C + 1)`` of them; the next
-  ``C`` columns hold the current chunk's tokens by phase and are overwritten chunk after
-  chunk (a query at phase j sees phases <= j, so stale entries of the previous chunk are
-  invisible); adaptive models add one scratch column that a dummy query writes to.
-  ``N = stride*(max_len//C + 1) + C (+1)`` instead of ``max_len + max_len//C``.
+* dense layer: ``N = max_len``, column ``t`` holds position ``t``.
+* CAT decoder / CAT layer, for a row whose current chunk is k::
 
-The last token of chunk k never enters the cache: nothing attends to it (tokens only see
-their own chunk). Feeding it instead completes the chunk: the chunk is compressed and the
-new slot fx_{k+1} (adaptive: fx_{k+1} then sep_{k+1}) is the decoder query whose output
-predicts the next token, exactly as ``out_index`` in masks.py says.
+      [fx_0 .. fx_k | sep_k | t_0 .. t_j of chunk k | stale .. | scratch]
+       columns 0..k   k+1    k+s .. k+s+j             (s = 2 with separators, else 1)
+
+  which is exactly what a query of chunk k may see (masks.py: fx_i for i <= k, its own
+  sep_k, the tokens of its chunk up to itself). When chunk k completes, fx_{k+1} is written
+  at column k+1 (over sep_k, or over t_0 of chunk k, neither visible to anything later),
+  sep_{k+1} after it, and chunk k+1's tokens from column k+1+s on. ``N = max_len // C + s + C``
+  (+1 scratch column for adaptive models, which a dummy query writes to) instead of
+  ``max_len + max_len // C``.
 
 Static shapes: a step has a fixed query length T (1; adaptive CATs use T=2 on steps where
 some row completes a chunk), every write is an indexed assignment at per-row columns and
-every visibility rule a comparison against per-column tables, so ``_decode`` traces once per
+visibility is a per-query length, so ``_decode`` traces once per
 (T, completes-a-chunk) variant under ``torch.compile``. Caches are zero-initialised:
-a masked column still enters SDPA's matmuls, and NaN * 0 would poison the row.
+on the SDPA path a masked column still enters the matmuls, and NaN * 0 would poison the row.
 
 Cache writes are ``cache[rows, :, cols] = kv`` (``index_put_``), never ``scatter_``: under
 torch.compile, functionalisation turns an in-place ``scatter_`` on a graph input into an
@@ -51,7 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.common import Attention, apply_rope, attend
-from ..models.masks import FX, PAD, SEP, TOK, CatLayout, cat_attention_mask
+from ..models.masks import CatLayout, cat_attention_mask
+from .decode_attention import decode_attention
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,96 +110,68 @@ class KVCache(nn.Module):
         self.k.copy_(k.gather(2, idx))
         self.v.copy_(v.gather(2, idx))
 
-    def attend(self, attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, mask: Tensor,
+    def attend(self, attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, lengths: Tensor,
                n_cols: Optional[int] = None) -> Tensor:
         """One decode step: x (B, T, D) -> (B, T, D). Writes each query's K/V at its column
-        cols (B, T) first, so queries of this step see each other as the mask allows.
-        n_cols: attend over the first n_cols columns only (every written column lies below;
-        ``mask`` has n_cols columns then)."""
+        cols (B, T) first, then query (b, t) attends to columns [0, lengths[b, t]) (its own
+        column included, so queries of one step see each other as their lengths say).
+        n_cols: the cache's first n_cols columns only (every length lies within)."""
         q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
         rows = _rows(cols)
         # In place under torch.compile too (index_put_, see the module docstring).
         self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
         self.v[rows, :, cols] = v.transpose(1, 2)
         keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
-        return attn_output(attn, y)
+        return attn_output(attn, decode_attention(q, keys, values, lengths))  # (B, Hq, T, hd) -> (B, T, D)
 
     @property
     def columns(self) -> int:
         return self.k.shape[2]
 
 
-class SlotColumns(nn.Module):
-    """Per-column tables of a CAT cache ``[slots | chunk tokens | scratch]`` and its mask rule.
+class CatColumns:
+    """Column bookkeeping of a column-causal CAT cache (see the module docstring)::
 
-    The rule is masks.py's, restated for cache columns: fx_k visible to queries of group
-    >= k; sep_k to non-fx queries of group k; token columns to token queries at a later or
-    equal phase (the token region only ever holds the current chunk); scratch only to dummies.
+        [fx_0 .. fx_k | sep_k | tokens of chunk k | stale .. | scratch]
     """
 
-    def __init__(self, max_len: int, chunk_size: int, with_sep: bool, scratch: bool, device):
-        super().__init__()
-        self.chunk_size = chunk_size
-        self.stride = 2 if with_sep else 1
-        self.n_slots = self.stride * (max_len // chunk_size + 1)
-        self.scratch = self.n_slots + chunk_size if scratch else -1
-        n = self.n_slots + chunk_size + (1 if scratch else 0)
-        c = torch.arange(n, device=device)
-        slot = c < self.n_slots
-        kind = torch.where(slot, torch.where(c % self.stride == 0, FX, SEP), TOK)
-        kind = torch.where(c >= self.n_slots + chunk_size, PAD, kind)
-        self.register_buffer("kind", kind, persistent=False)
-        self.register_buffer("group", torch.where(slot, c // self.stride, -1), persistent=False)
-        self.register_buffer("phase", torch.where(kind == TOK, c - self.n_slots, -1), persistent=False)
-
-    @property
-    def length(self) -> int:
-        return self.kind.shape[0]
-
-    def mask(self, q_kind: Tensor, q_group: Tensor, q_phase: Tensor) -> Tensor:
-        """Query descriptors (B, T) -> boolean mask (B, 1, T, N), True = attend."""
-        qk, qg, qp = q_kind[..., None], q_group[..., None], q_phase[..., None]  # (B, T, 1)
-        ck, cg, cp = self.kind, self.group, self.phase  # (N,)
-        see = ((ck == FX) & (cg <= qg)) \
-            | ((ck == SEP) & (cg == qg) & (qk != FX)) \
-            | ((ck == TOK) & (qk == TOK) & (cp <= qp)) \
-            | ((ck == PAD) & (qk == PAD))
-        return see[:, None]
+    def __init__(self, max_len: int, chunk_size: int, with_sep: bool, scratch: bool):
+        self.chunk_size = C = chunk_size
+        self.stride = 2 if with_sep else 1  # fx_k's column + stride = column of chunk k's token 0
+        n = max_len // C + self.stride + C  # past the largest column any query of max_len tokens uses
+        self.scratch = n if scratch else -1
+        self.length = n + (1 if scratch else 0)
 
     def prefill_sources(self, layout: CatLayout, lengths: Tensor) -> Tensor:
         """For each row and cache column, the decoder position of a prefill over ``layout``
-        whose K/V belongs there: (B, N). Slots keep their layout positions; token columns
-        take the tokens of each row's partial last chunk. Columns a row does not use yet
-        get some in-range position (finite values, masked until overwritten)."""
-        C, S = self.chunk_size, layout.length
-        col = torch.arange(self.length, device=lengths.device)  # (N,)
-        first = layout.token_start + (lengths // C) * C  # (B,) decoder position of the partial chunk's first token
-        tok = first[:, None] + (col - self.n_slots)[None]  # (B, N)
-        src = torch.where(col < self.n_slots, layout.slot_start + col, torch.where(self.kind == TOK, tok, 0))
-        return src.clamp(0, S - 1)
+        whose K/V belongs there: (B, N). A row whose next token is in chunk k (k = length
+        // C) gets fx_0..fx_k, sep_k and the prompt's tokens of chunk k; the columns after
+        them get some in-range position (finite values, invisible until overwritten)."""
+        C, s = self.chunk_size, self.stride
+        col = torch.arange(self.length, device=lengths.device)[None]  # (1, N)
+        k = (lengths // C)[:, None]  # (B, 1)
+        fx = layout.slot_start + col * s
+        sep = layout.slot_start + k * s + 1
+        tok = layout.token_start + k * C + (col - k - s)
+        src = torch.where(col <= k, fx, torch.where(col >= k + s, tok, sep))  # (B, N)
+        return src.clamp(0, layout.length - 1)
 
 
-def step_queries(pos: Tensor, cols: SlotColumns, completes: bool, rope_base: int):
-    """Descriptors of the one query each row sends through a CAT cache at position pos (B,).
+def step_queries(pos: Tensor, cols: CatColumns, completes: bool, rope_base: int):
+    """The one query each row sends through a CAT cache at position pos (B,).
 
-    A row whose token ends its chunk k (phase C-1) sends the slot fx_{k+1} (group k+1, RoPE
-    id 0) instead of the token. Returns (done (B,) bool or None, kind, group, phase, col,
-    rope), each (B,); rope_base is the RoPE id of a chunk's first token (1, or 2 with seps).
+    A row whose token ends its chunk k (phase C-1) sends the slot fx_{k+1} (column k+1,
+    RoPE id 0) instead of the token. Returns (done (B,) bool or None, col, rope), each
+    (B,); the query sees columns [0, col]; rope_base is the RoPE id of a chunk's first
+    token (1, or 2 with seps).
     """
     C = cols.chunk_size
     phase, k = pos % C, pos // C
-    kind = torch.full_like(pos, TOK)
-    group, col, rope = k, cols.n_slots + phase, rope_base + phase
+    col, rope = k + cols.stride + phase, rope_base + phase
     if not completes:
-        return None, kind, group, phase, col, rope
+        return None, col, rope
     done = phase == C - 1
-    kind = torch.where(done, FX, kind)
-    group = torch.where(done, k + 1, group)
-    col = torch.where(done, (k + 1) * cols.stride, col)
-    rope = torch.where(done, 0, rope)
-    return done, kind, group, phase, col, rope
+    return done, torch.where(done, k + 1, col), torch.where(done, 0, rope)
 
 
 def _rows(index: Tensor) -> Tensor:
@@ -295,7 +269,7 @@ class CatRunner(Runner):
         self.chunk_size = C = chunk_size
         self.adaptive = model.adaptive
         self.size_index = C.bit_length() - 1 if self.adaptive else 0  # log2(C): the size token / cond row
-        self.cols = SlotColumns(max_len, C, self.adaptive, scratch=self.adaptive, device=device)
+        self.cols = CatColumns(max_len, C, self.adaptive, scratch=self.adaptive)
         self.kv = nn.ModuleList(KVCache(layer.attention, batch, self.cols.length, dtype, device)
                                 for layer in model.layers)
         self.register_buffer("chunk", torch.zeros(batch, C, dtype=torch.long, device=device), persistent=False)
@@ -378,22 +352,21 @@ class CatRunner(Runner):
         if compress_all:
             fx = self._compress_impl(self.chunk, pos // self.chunk_size)  # (B, D)
         x_tok = m.tok_embeddings(tok)  # (B, D)
-        done, kind, group, phase, col, rope = step_queries(pos, self.cols, fx is not None, self.cols.stride)
+        done, col, rope = step_queries(pos, self.cols, fx is not None, self.cols.stride)
         x = x_tok if done is None else torch.where(done[:, None], fx, x_tok)
-        queries = [(x, kind, group, phase, col, rope)]
+        queries = [(x, col, rope, col + 1)]
         if done is not None and self.adaptive:
-            # Second query: sep_{k+1} for completing rows (it must see fx_{k+1}, written by
-            # query 0 of this step); a dummy on the scratch column for the others.
+            # Second query: sep_{k+1} for completing rows, right after fx_{k+1} (written by
+            # query 0 of this step); for the others a dummy that writes to the scratch
+            # column and sees column 0 (its output is dropped).
             sep = m.separator.weight.expand_as(x_tok)
-            queries.append((torch.where(done[:, None], sep, x_tok),
-                            torch.where(done, SEP, PAD), group, phase,
-                            torch.where(done, col + 1, self.cols.scratch), torch.where(done, 1, 0)))
-        x, kind, group, phase, col, rope = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
-        mask = self.cols.mask(kind, group, phase)  # (B, 1, T, N)
+            queries.append((torch.where(done[:, None], sep, x_tok), torch.where(done, col + 1, self.cols.scratch),
+                            torch.where(done, 1, 0), torch.where(done, col + 2, 1)))
+        x, col, rope, lengths = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
         cos, sin = _rope_at(m.rope, rope)
         for layer, cache in zip(m.layers, self.kv):
             x = block_forward(layer, x, lambda u, layer=layer, cache=cache:
-                              cache.attend(layer.attention, u, cos, sin, col, mask))
+                              cache.attend(layer.attention, u, cos, sin, col, lengths))
         if x.shape[1] == 1:
             return self._head(x[:, 0])
         # adaptive with completions: the sep query predicts for completing rows
@@ -408,10 +381,10 @@ class StackRunner(Runner):
     slot fx_{k+1} = compress(normed inputs of chunk k at this layer) needs all C of them.
 
     ``attend_bucket``: dense layers attend over the first ``ceil((max pos + 1) / bucket) *
-    bucket`` cache columns instead of all ``max_len`` (masked columns cost memory traffic:
-    over a long generation the full length reads ~2x what is needed). Each bucket is a
-    separate compiled graph (the length is static), so the compile cost grows with
-    max_len / bucket; None (default) attends over the whole cache.
+    bucket`` cache columns instead of all ``max_len``. Only the SDPA path (off CUDA) gains:
+    it reads every column it is given, while the CUDA kernel already stops at each query's
+    visible length. Each bucket is a separate compiled graph (the length is static), so the
+    compile cost grows with max_len / bucket; None (default) attends over the whole cache.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, chunk_size: int, dtype, device,
@@ -425,7 +398,7 @@ class StackRunner(Runner):
         self.chunk_size = C = chunk_size if "cat" in self.kinds else 0
         # A padded prefill may reach past max_len by < C positions: dense caches take it.
         self.dense_len = -(-max_len // C) * C if C else max_len
-        self.cols = SlotColumns(max_len, C, False, scratch=False, device=device) if C else None
+        self.cols = CatColumns(max_len, C, False, scratch=False) if C else None
         caches, hidden = [], []
         for kind, layer in zip(self.kinds, model.layers):
             if kind == "dense":
@@ -438,7 +411,6 @@ class StackRunner(Runner):
         for i, h in enumerate(hidden):
             if h is not None:
                 self.register_buffer(f"hidden{i}", h, persistent=False)
-        self.register_buffer("dense_cols", torch.arange(self.dense_len, device=device), persistent=False)
 
     def _hidden(self, i: int) -> Tensor:
         return getattr(self, f"hidden{i}")
@@ -493,18 +465,17 @@ class StackRunner(Runner):
         m = self.model
         x = m.tok_embeddings(tok)[:, None]  # (B, 1, D)
         dense_col = pos[:, None]  # (B, 1)
-        cols = self.dense_cols if n_dense is None else self.dense_cols[:n_dense]
-        dense_mask = (cols <= dense_col[..., None])[:, None]  # (B, 1, 1, Ld or n_dense)
+        dense_len = dense_col + 1  # (B, 1): a query sees the positions up to its own
         dense_cos, dense_sin = _rope_at(m.rope, dense_col)
         if self.chunk_size:
-            done, kind, group, phase, col, rope = step_queries(pos, self.cols, completes, 1)
-            cat_mask = self.cols.mask(kind[:, None], group[:, None], phase[:, None])  # (B, 1, 1, N)
+            done, col, rope = step_queries(pos, self.cols, completes, 1)
+            cat_len = (col + 1)[:, None]  # (B, 1)
             cat_cos, cat_sin = _rope_at(m.cat_rope, rope[:, None])
-            hidden_rows, hidden_phase = _rows(phase), phase[:, None]  # (B, 1) each
+            hidden_rows, hidden_phase = _rows(pos), (pos % self.chunk_size)[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
                 def attention(u, layer=layer, cache=cache):
-                    return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_mask, n_dense)
+                    return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)
             else:
                 def attention(u, i=i, layer=layer, cache=cache):
                     ca = layer.attention
@@ -514,7 +485,7 @@ class StackRunner(Runner):
                     if done is not None:
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
-                    return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_mask))
+                    return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
             x = block_forward(layer, x, attention)
         return self._head(x[:, 0])
 

@@ -25,8 +25,8 @@ def test_bench_generate_smoke(tmp_path):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["gen_len"] == 12 and r["batch"] == 2
         assert r["peak_mem_gib"] > 0 and r["peak_mem_kind"] == "process peak RSS"
-    # columns per layer: dense 17 positions; adaptive C=8: 2 * (17 // 8 + 1) + 8 + 1
-    assert [r["cache_columns"] for r in rows] == [17, 2 * (17 // 2 + 1) + 2 + 1, 2 * (17 // 8 + 1) + 8 + 1]
+    # columns per layer: dense 17 positions; adaptive chunk C: fx_0..fx_{17//C}, sep, C tokens, scratch
+    assert [r["cache_columns"] for r in rows] == [17, 17 // 2 + 2 + 2 + 1, 17 // 8 + 2 + 8 + 1]
 
 
 def test_bench_generate_rejects_bad_chunk_size():

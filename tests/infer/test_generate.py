@@ -86,8 +86,8 @@ def test_long_generation_keeps_cat_caches_small():
 
 
 @pytest.mark.parametrize("name,chunk,per_layer", [
-    ("debug-cat-adaptive", 8, lambda L, C: 2 * (L // C + 1) + C + 1),  # fx+sep per chunk, scratch
-    ("debug-cat-adaptive", 4, lambda L, C: 2 * (L // C + 1) + C + 1),
+    ("debug-cat-adaptive", 8, lambda L, C: L // C + 1 + 1 + C + 1),  # fx per chunk, one sep, scratch
+    ("debug-cat-adaptive", 4, lambda L, C: L // C + 1 + 1 + C + 1),
     ("debug-cat-layer", None, lambda L, C: L // C + 1 + C),
     ("debug-hybrid", None, lambda L, C: L // C + 1 + C),  # CAT layers; its dense layer keeps ~L
     ("debug-dense", None, lambda L, C: L),
