@@ -28,6 +28,7 @@ from .pretrained import Pretrained, trained_chunk_sizes
 
 # Columns of the CSV table, in order (rows may hold more keys; the JSON keeps everything).
 COLUMNS = ["model", "role", "kind", "chunk_size", "step", "params_m", "val_loss", "val_ppl", "val_bits_per_token",
+           "val_loss_chunk_start", "val_loss_in_chunk",
            "eval_tokens", "seq_len", "tokens_per_s", "ms_per_step", "peak_mem_gib", "state_mem_gib", "cache_mib",
            "cache_columns", "gen_batch", "gen_len", "compile", "cuda_graphs", "device", "dtype", "path"]
 
@@ -95,6 +96,31 @@ def validation_loss(model, batches, chunk_size: Optional[int] = None) -> float:
     return float(total / len(batches))
 
 
+@torch.no_grad()
+def chunk_start_losses(model, batches, chunk_size: int) -> tuple[float, float]:
+    """Mean loss of the predictions of each chunk's first token, and of all the others.
+
+    A CAT predicts the first token of chunk k+1 from the slot that opens it (fx_{k+1}, or
+    sep_{k+1}): from compressed chunks alone, no raw token. Every other token is predicted
+    with the raw tokens of its own chunk in view. The gap between the two says how much the
+    compressor still loses; the share of chunk starts (1/C) is why, early in training,
+    smaller chunk sizes have higher mean loss. Targets at positions p with p % C == 0 (p >= 1).
+    """
+    device = model_device(model)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        logits = model(x, chunk_size=chunk_size).float()  # (B, L, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        start = (torch.arange(1, y.shape[1] + 1, device=device) % chunk_size) == 0  # target index t+1 opens a chunk
+        for i, sel in enumerate((start, ~start)):
+            sums[i] += loss[:, sel].double().sum()
+            counts[i] += loss[:, sel].numel()
+    first, rest = (sums / counts).tolist()
+    return first, rest
+
+
 def eval_chunk_sizes(pre: Pretrained, cfg: EvalConfig) -> list[Optional[int]]:
     if pre.kind != "cat_adaptive":
         return [None]
@@ -124,6 +150,9 @@ def evaluate_model(pre: Pretrained, cfg: EvalConfig, speed: Optional[SpeedConfig
                    val_ppl=math.exp(min(loss, 700)), val_bits_per_token=loss / math.log(2),
                    eval_tokens=sum(x.numel() for x, _ in batches), seq_len=seq_len, device=device.type,
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), path=str(pre.path))
+        if args.kind in ("cat", "cat_adaptive"):
+            row["val_loss_chunk_start"], row["val_loss_in_chunk"] = chunk_start_losses(model, batches,
+                                                                                       row["chunk_size"])
         if speed is not None:
             cfg_c = SpeedConfig(**{**speed.__dict__, "gen_len": min(speed.gen_len,
                                                                     args.block_size - speed.prompt_len)})
@@ -172,13 +201,23 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The table as markdown (docs/study.md)."""
-    head = ["model", "kind", "chunk size", "val loss", "val ppl", "tokens/s", "ms/step", "peak memory (GiB)",
-            "weights + caches (GiB)"]
-    keys = [("model", "{}"), ("kind", "{}"), ("chunk_size", "{}"), ("val_loss", "{:.4f}"), ("val_ppl", "{:.3f}"),
-            ("tokens_per_s", "{:,.0f}"), ("ms_per_step", "{:.3f}"), ("peak_mem_gib", "{:.2f}"),
-            ("state_mem_gib", "{:.2f}")]
+    """The table as markdown (docs/study.md). "chunk starts / rest": a CAT's loss on the first
+    token of each chunk (predicted from compressed chunks only) / on the other tokens."""
+    head = ["model", "kind", "chunk size", "val loss", "val ppl", "chunk starts / rest", "tokens/s", "ms/step",
+            "peak memory (GiB)", "weights + caches (GiB)"]
+
+    def split(r: dict) -> Optional[str]:
+        if r.get("val_loss_chunk_start") is None:
+            return None
+        return f"{r['val_loss_chunk_start']:.3f} / {r['val_loss_in_chunk']:.3f}"
+
+    def fmt(key: str, form: str):
+        return lambda r: form.format(r[key]) if r.get(key) is not None else None
+
+    cols = [fmt("model", "{}"), fmt("kind", "{}"), fmt("chunk_size", "{}"), fmt("val_loss", "{:.4f}"),
+            fmt("val_ppl", "{:.3f}"), split, fmt("tokens_per_s", "{:,.0f}"), fmt("ms_per_step", "{:.3f}"),
+            fmt("peak_mem_gib", "{:.2f}"), fmt("state_mem_gib", "{:.2f}")]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "-" for k, f in keys) + " |")
+        lines.append("| " + " | ".join(c(r) or "-" for c in cols) + " |")
     return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""The chunk-start split of the validation loss: the two parts recombine to the trainer's loss
+(the model's labels path), and a hand count of which targets open a chunk. float32, 1e-5."""
+
+import pytest
+import torch
+
+from cat_titan.infer.evaluate import chunk_start_losses, markdown_table, validation_loss
+
+from .util import debug_model
+
+
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-cat-adaptive", 4)])
+def test_chunk_start_split_recombines_to_the_validation_loss(name, chunk):
+    model = debug_model(name)
+    C = chunk or model.args.chunk_size
+    g = torch.Generator().manual_seed(3)
+    L = 4 * C + 3  # a partial last chunk too
+    batches = [(torch.randint(0, 257, (2, L), generator=g), torch.randint(0, 257, (2, L), generator=g))
+               for _ in range(2)]
+    first, rest = chunk_start_losses(model, batches, C)
+    # targets at positions 1..L (the label of input t is position t+1); C, 2C, .. open a chunk
+    n_first = sum(1 for p in range(1, L + 1) if p % C == 0)
+    mean = (n_first * first + (L - n_first) * rest) / L
+    assert abs(mean - validation_loss(model, batches, chunk)) <= 1e-5
+    assert first != rest
+
+
+def test_markdown_table_shows_the_split_for_cat_rows_only():
+    rows = [dict(model="d", kind="dense", chunk_size=None, val_loss=1.0, val_ppl=2.7),
+            dict(model="c", kind="cat", chunk_size=8, val_loss=2.0, val_ppl=7.4, val_loss_chunk_start=3.25,
+                 val_loss_in_chunk=1.875)]
+    md = markdown_table(rows).splitlines()
+    assert "chunk starts / rest" in md[0]
+    assert "| d | dense | - | 1.0000 | 2.700 | - |" in md[2]
+    assert "| c | cat | 8 | 2.0000 | 7.400 | 3.250 / 1.875 |" in md[3]
