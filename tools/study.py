@@ -444,6 +444,17 @@ def load_state(a) -> dict:
         cache = a.work / "eval" / f"{spec.name}.json"
         if cache.is_file():
             state["eval"][spec.name] = json.loads(cache.read_text())["rows"]
+    # Models trained by separate invocations (e.g. one per GPU, each with its own --out) share
+    # one work directory: a report drawn from it recovers their common settings and times here.
+    for name, done in state["train"].items():
+        state["timings"].setdefault(f"train {name}", done["seconds"])
+        overrides = [o for o in done["settings"]["overrides"] if not o.startswith("job.run_dir=")]
+        if not state.get("overrides_example"):
+            state["overrides_example"] = overrides
+        if not state.get("data"):
+            state["data"] = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.path=")), None)
+    for name, rows in state["eval"].items():
+        state["timings"].setdefault(f"eval {name}", sum(r.get("seconds", 0.0) for r in rows))
     return state
 
 
@@ -457,12 +468,13 @@ def main(argv=None) -> int:
     if "train" in a.phases or "eval" in a.phases:
         state["argv_run"] = argv  # the command that produced the numbers (a report-only call keeps it)
     t_all = time.time()
+    state["timings"].pop("this invocation", None)  # set below; the phases keep their earlier times
     global STOP
     STOP = Stop()
     try:
         run_phases(a, state, t_all)
     except Interrupted:
-        state["timings"]["total"] = time.time() - t_all
+        state["timings"]["this invocation"] = time.time() - t_all
         report = write_report(a, state)
         log(f"interrupted; partial report: {report}. Run the same command again to continue.")
         return EXIT_PREEMPTED
@@ -499,9 +511,9 @@ def run_phases(a, state: dict, t_all: float) -> None:
             state["eval"][spec.name] = timed(f"eval {spec.name}",
                                              lambda: eval_one(a, spec, Path(state["exports"][spec.name]), data_dir))
             write_report(a, state)
-    state["timings"]["total"] = time.time() - t_all
+    state["timings"]["this invocation"] = time.time() - t_all
     report = write_report(a, state)
-    log(f"report: {report} ({state['timings']['total']:.0f}s)")
+    log(f"report: {report} ({state['timings']['this invocation']:.0f}s)")
 
 
 if __name__ == "__main__":

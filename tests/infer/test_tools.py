@@ -76,6 +76,18 @@ def test_study_smoke_writes_the_report(study):
                             "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("skipped") == 9, again.stdout
+    # a report drawn into a fresh directory from the work directory alone (how models trained by
+    # separate invocations, e.g. one per GPU, are reported together) keeps the setup and timings
+    fresh = study / "fresh"
+    rep = subprocess.run([sys.executable, str(ROOT / "tools" / "study.py"), "--out", str(fresh), "--work",
+                          str(study / "work"), "--smoke", "--device", "cpu", "--phases", "report"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md2 = (fresh / "study.md").read_text()
+    assert f"Same data (`{results['data']}`)" in md2 and "training.steps=3" in md2
+    for name in ("dense", "cat", "cat_adaptive"):
+        assert f"| train {name} | " in md2 and f"| eval {name} | " in md2
+    assert md2.split("## Quality")[1].split("## Timings")[0] == md.split("## Quality")[1].split("## Timings")[0]
 
 
 def _expected_stream(path, prompts, n, chunk, seed, temperature, top_k):
