@@ -12,6 +12,7 @@ of step times; --json writes them. Runs on CPU too (smoke test, no MFU).
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -89,6 +90,14 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     return summary
 
 
+def _anchor_module():
+    spec = importlib.util.spec_from_file_location("torchtitan_anchor", Path(__file__).with_name("torchtitan_anchor.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -96,8 +105,14 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", type=Path, help="also trace 3 steps with torch.profiler: chrome trace + top ops table")
+    p.add_argument("--anchor", choices=["torchtitan"], default=None,
+                   help="then time torchtitan's Llama3 at the model's dense size (the CAT's decoder) in the same "
+                        "process group (tools/torchtitan_anchor.py; torchtitan is an optional dependency)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    if a.anchor:  # fail before any work when the optional dependency is missing
+        anchor = _anchor_module()
+        anchor._import_torchtitan()
 
     from cat_titan.config import load_config
     from cat_titan.models.registry import flops_per_token
@@ -161,7 +176,8 @@ def main() -> int:
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }
-        if trainer.is_main:
+        is_main = trainer.is_main
+        if is_main:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
             print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
@@ -172,8 +188,20 @@ def main() -> int:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in breakdown["ms_per_step_by_kind"].items()), flush=True)
-            if a.json:
-                a.json.write_text(json.dumps(row, indent=1))
+        if a.anchor:
+            args = trainer.model_args
+            acfg = anchor.AnchorConfig(dim=args.dim, layers=args.n_layers, heads=args.n_heads,
+                                       kv_heads=args.n_kv_heads, vocab=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
+                                       local_batch=t.micro_batch, steps=a.steps, warmup=a.warmup,
+                                       compile=t.compile, seed=t.seed)
+            del trainer, out  # free our model, optimizer state and activations first
+            if cuda:
+                torch.cuda.empty_cache()
+            row["anchor"] = anchor.run_anchor(acfg, device)
+            if is_main:
+                print("  anchor: " + anchor.describe(row["anchor"]), flush=True)
+        if is_main and a.json:
+            a.json.write_text(json.dumps(row, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
