@@ -68,7 +68,8 @@ def _configs(a) -> list[tuple[str, str, object, int | None]]:
 def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device) -> tuple[dict, object]:
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
-                      cuda_graphs=a.cuda_graphs, repeat=a.repeat, attend_bucket=a.attend_bucket)
+                      cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, repeat=a.repeat,
+                      attend_bucket=a.attend_bucket)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -109,7 +110,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs (see --graph-mode)")
+    p.add_argument("--graph-mode", choices=["trees", "runner"], default="trees",
+                   help="trees: torch.compile mode='reduce-overhead'; runner: each decode-step variant captured "
+                        "by the runner (no per-step guards; cat_titan.infer.runners)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, dtype {a.dtype}, compile {a.compile}, cuda graphs {a.cuda_graphs}, "
+    print(f"device {name}, dtype {a.dtype}, compile {a.compile}, cuda graphs {a.cuda_graphs} ({a.graph_mode}), "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

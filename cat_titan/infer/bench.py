@@ -46,7 +46,10 @@ class SpeedConfig:
     compile: bool = False
     """torch.compile the decode step."""
     cuda_graphs: bool = False
-    """With compile: mode='reduce-overhead' (CUDA graphs)."""
+    """With compile: CUDA graphs, made as ``graph_mode`` says."""
+    graph_mode: str = "trees"
+    """'trees': torch.compile's (mode='reduce-overhead'); 'runner': captured by the runner per
+    step variant (``Runner.compile_step(mode='graphs')``, CUDA only)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -62,6 +65,9 @@ class SpeedConfig:
             raise ValueError(f"generation benchmark settings must be >= 1: {', '.join(bad)}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        if self.graph_mode not in ("trees", "runner"):
+            raise ValueError(f"graph_mode={self.graph_mode!r}: choose 'trees' (torch.compile's CUDA graphs) or "
+                             f"'runner' (captured by the runner)")
 
 
 def sync(device: torch.device) -> None:
@@ -93,7 +99,8 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size),
                          attend_bucket=cfg.attend_bucket)
     if cfg.compile:
-        runner.compile_step(mode="reduce-overhead" if cfg.cuda_graphs else None)
+        graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
+        runner.compile_step(mode=graphs if cfg.cuda_graphs else None)
     return runner
 
 
@@ -141,7 +148,8 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
     return dict(kind=model.args.kind, chunk_size=C or None, batch=cfg.batch, prompt_len=cfg.prompt_len,
                 attend_bucket=getattr(runner, "attend_bucket", None),
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, seconds=sec,
+                device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

@@ -20,7 +20,8 @@ Cache sizes (per layer, columns of K/V; see runners.py): dense ``P + n`` (longes
 new tokens); CAT ``(L // C + 1) * (2 if adaptive else 1) + C (+1)`` for L = P + n.
 
 Compilation: ``compile=True`` (or a torch.compile mode, e.g. 'reduce-overhead' for CUDA
-graphs) compiles the decode step of the runner; it has static shapes (preallocated caches,
+graphs, or 'graphs' for CUDA graphs the runner captures itself, see
+``Runner.compile_step``) compiles the decode step of the runner; it has static shapes (preallocated caches,
 in-place indexed writes, masks from index comparisons) and at most three variants per
 model (no chunk completes; every row completes one, the compressor inside the step; some
 rows complete one). The prefill runs eagerly (FlexAttention on CUDA); when only some rows

@@ -204,6 +204,8 @@ class Runner(nn.Module):
         # cycle keeps a runner's caches alive, and runners of equal shapes share graphs.
         self._compiled: dict[str, Callable] = {}
         self._cuda_graphs = False
+        self._graphs: Optional[dict] = None  # mode="graphs": step variant -> (CUDA graph, static args, output)
+        self._graph_pool = None
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
     # pos) to choose the traced variant without a device sync.
@@ -217,13 +219,53 @@ class Runner(nn.Module):
         raise NotImplementedError
 
     def _decode(self, *args):
-        out = self._compiled.get("decode", type(self)._decode_impl)(self, *args)
+        fn = self._compiled.get("decode", type(self)._decode_impl)
+        out = self._replay(fn, args) if self._graphs is not None else fn(self, *args)
         # A CUDA graph's output buffer is overwritten by its next replay; callers keep logits.
         return out.clone() if self._cuda_graphs else out
 
+    def _replay(self, fn: Callable, args: tuple) -> Tensor:
+        """mode='graphs': the step variant of ``args`` (its flags, and which tensors are given)
+        as a plain CUDA graph. A new variant is captured once: its tensor arguments are copied
+        into static buffers, the compiled step runs twice on a side stream (compilation and
+        library set-up stay out of the capture; a step's writes depend only on its inputs, so
+        repeating it changes nothing), then it is captured. Later calls copy the arguments in
+        and replay: no guards, no per-call bookkeeping on the host."""
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else a for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(self, *static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = fn(self, *static)
+            entry = self._graphs[key] = (graph, static, out)
+        graph, static, out = entry
+        for dst, src in zip(static, args):
+            if isinstance(dst, Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return out
+
     def compile_step(self, mode: Optional[str] = None, **kw) -> None:
-        """Compile the decode step (static shapes; one graph per step variant). With
-        mode='reduce-overhead' (CUDA graphs) the caches are marked as static addresses."""
+        """Compile the decode step (static shapes; one graph per step variant).
+
+        mode='reduce-overhead': torch.compile's CUDA graphs (cudagraph trees; the caches are
+        marked as static addresses). mode='graphs' (CUDA only): torch.compile without its
+        CUDA graphs, each step variant captured by the runner itself (``_replay``), which
+        skips dynamo's guards and the cudagraph trees' checks on every step."""
+        if mode == "graphs":
+            device = next(self.model.parameters()).device
+            if device.type != "cuda":
+                raise ValueError(f"compile_step(mode='graphs') captures CUDA graphs, but the model is on {device}; "
+                                 f"use mode=None (torch.compile only) off CUDA")
+            self._graphs, self._graph_pool = {}, torch.cuda.graph_pool_handle()
+            self._cuda_graphs, mode = True, None
         if mode == "reduce-overhead":
             self._cuda_graphs = True
             for buf in self.buffers():

@@ -202,6 +202,12 @@ def test_bad_requests_are_named():
         generate(cat, [[1, 2]], -1)
     assert generate(cat, [[1, 2], [3]], 0) == [[], []]
     assert generate(cat, [5, 6, 7], 4) == generate(cat, [[5, 6, 7]], 4)  # one flat prompt
+    with pytest.raises(ValueError, match="captures CUDA graphs, but the model is on cpu"):
+        make_runner(cat, 1, 8, cat.args.chunk_size).compile_step(mode="graphs")
+    from cat_titan.infer.bench import SpeedConfig
+
+    with pytest.raises(ValueError, match="graph_mode='tree'"):
+        SpeedConfig(compile=True, cuda_graphs=True, graph_mode="tree").validate()
 
 
 def test_static_step_shapes():

@@ -56,7 +56,9 @@ def test_cuda_cached_equals_full_forward(name, chunk):
 
 @pytest.mark.parametrize("name,chunk,mode", [("debug-cat-adaptive", 2, None), ("debug-hybrid", None, None),
                                              ("debug-cat", None, "reduce-overhead"),
-                                             ("debug-cat-adaptive", 4, "reduce-overhead")])
+                                             ("debug-cat-adaptive", 4, "reduce-overhead"),
+                                             ("debug-cat", None, "graphs"), ("debug-cat-adaptive", 4, "graphs"),
+                                             ("debug-hybrid", None, "graphs"), ("debug-dense", None, "graphs")])
 def test_cuda_compiled_step_equals_eager(name, chunk, mode):
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=9)
@@ -87,14 +89,15 @@ def test_cuda_attend_buckets_compiled_equal_eager(name):
     assert generate(model, prompts, 24, runner=runner) == want  # replayed graphs
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4)])
-def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk):
+def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk, mode):
     """Equal prompt lengths: every row completes its chunk at once and the compressor runs
     inside the decode step's CUDA graph (the benchmark's case); tokens equal eager."""
     model = _cuda(name)
     prompts = torch.tensor(_prompts((7, 7, 7), seed=12))
     want = generate(model, prompts, 26, chunk_size=chunk)
     runner = make_runner(model, 3, 7 + 26, chunk or model.args.chunk_size)
-    runner.compile_step(mode="reduce-overhead")
+    runner.compile_step(mode=mode)
     assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want
     assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want
