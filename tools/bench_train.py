@@ -12,7 +12,6 @@ of step times; --json writes them. Runs on CPU too (smoke test, no MFU).
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -90,14 +89,6 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     return summary
 
 
-def _anchor_module():
-    spec = importlib.util.spec_from_file_location("torchtitan_anchor", Path(__file__).with_name("torchtitan_anchor.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -111,12 +102,13 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     if a.anchor:  # fail before any work when the optional dependency is missing
-        anchor = _anchor_module()
+        import torchtitan_anchor as anchor  # tools/, this script's directory
+
         anchor._import_torchtitan()
 
     from cat_titan.config import load_config
     from cat_titan.models.registry import flops_per_token
-    from cat_titan.train.metrics import peak_flops
+    from cat_titan.train.metrics import peak_flops, step_time_stats, time_steps
     from cat_titan.train.trainer import Trainer, preflight
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +121,6 @@ def main() -> int:
                                       t.seed + trainer.pdims.rank)
         # No host sync inside the timed window (the trainer's loop has none between log
         # steps): CUDA events between steps give the per-step spread, one sync at the end.
-        sizes = []
         if trainer.curriculum is not None:  # compile every chunk size before timing
             x, y = trainer.loader.next_batch()
             for c in trainer.curriculum.sizes:
@@ -139,27 +130,14 @@ def main() -> int:
             out = trainer.train_step()
         float(out["loss"])
         cuda = device.type == "cuda"
-        marks = []
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            out = trainer.train_step()
-            sizes += [c for c in out["chunk_sizes"] if c is not None]
-            if cuda:
-                marks.append(torch.cuda.Event(enable_timing=True))
-                marks[-1].record()
-            else:
-                marks.append(time.perf_counter())
-        float(out["loss"])
-        wall = time.perf_counter() - t0
-        if cuda:
-            times = [a_.elapsed_time(b_) / 1e3 for a_, b_ in zip(marks, marks[1:])]
-        else:
-            times = [b_ - a_ for a_, b_ in zip([t0] + marks, marks)]
+        wall, times, outs = time_steps(trainer.train_step, a.steps, device)
+        sizes = [c for o in outs for c in o["chunk_sizes"] if c is not None]
+        del outs
         breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
-        mean_step = wall / a.steps
-        median = statistics.median(times)
+        stats = step_time_stats(wall, times, a.steps)
+        mean_step, median = stats["step_s_mean"], stats["step_s_median"]
         tps_gpu = tokens_per_step / mean_step / world
         if sizes:  # adaptive: average FLOPs over the chunk sizes actually drawn
             flops = statistics.mean(flops_per_token(trainer.model_args, cfg.data.seq_len, c) for c in sizes)
@@ -171,8 +149,7 @@ def main() -> int:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "tokens_per_sec_per_device": tps_gpu,
             "mfu": tps_gpu * flops / peak if peak else None, "flops_per_token": flops,
-            "step_s_mean": mean_step, "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
-            "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+            **stats,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +83,8 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
         _import_torchtitan()
     import torchtitan
 
+    from cat_titan.train.metrics import peak_flops, step_time_stats, time_steps
+
     _ensure_process_group(device)
     world, rank = dist.get_world_size(), dist.get_rank()
     job = JobConfig()
@@ -139,20 +139,9 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
     float(loss.detach())
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    marks, t0 = [], time.perf_counter()
-    for _ in range(cfg.steps):
-        loss = step()
-        if cuda:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-        else:
-            marks.append(time.perf_counter())
-    final = float(loss.detach())
-    wall = time.perf_counter() - t0
-    times = ([a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])] if cuda else
-             [b - a for a, b in zip([t0] + marks, marks)])
-    from cat_titan.train.metrics import peak_flops
-
+    wall, times, losses = time_steps(step, cfg.steps, device)
+    final = float(losses[-1].detach())
+    del losses
     tps = cfg.local_batch * cfg.seq_len / (wall / cfg.steps)  # per device
     peak = peak_flops(device)
     return {
@@ -160,8 +149,7 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
         "layers": cfg.layers, "heads": cfg.heads, "vocab": cfg.vocab, "seq_len": cfg.seq_len,
         "local_batch": cfg.local_batch, "world": world, "compile": cfg.compile, "ac": cfg.ac,
         "params": n_params, "flops_per_token": flops_per_token, "tokens_per_sec_per_device": tps,
-        "mfu": tps * flops_per_token / peak if peak else None, "step_s_mean": wall / cfg.steps,
-        "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+        "mfu": tps * flops_per_token / peak if peak else None, **step_time_stats(wall, times, cfg.steps),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None, "final_loss": final,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
     }

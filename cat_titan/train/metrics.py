@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets); used for MFU.
+T = TypeVar("T")
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
@@ -22,6 +25,36 @@ def peak_flops(device: torch.device) -> Optional[float]:
         if key in name:
             return value
     return None
+
+
+def time_steps(step: Callable[[], T], n: int, device: torch.device) -> tuple[float, list[float], list[T]]:
+    """Run ``step()`` n times with no host sync between steps and one at the end (benchmarks).
+
+    Returns the wall seconds, the per-step seconds (on CUDA from events recorded after each
+    step: the n-1 intervals between step ends; on CPU all n) and the steps' outputs."""
+    cuda = device.type == "cuda"
+    outs, marks, t0 = [], [], time.perf_counter()
+    for _ in range(n):
+        outs.append(step())
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    if cuda:
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    else:
+        times = [b - a for a, b in zip([t0] + marks, marks)]
+    return wall, times, outs
+
+
+def step_time_stats(wall: float, times: list[float], n: int) -> dict:
+    """The step-time spread the benchmarks report (seconds)."""
+    return {"step_s_mean": wall / n, "step_s_median": statistics.median(times), "step_s_min": min(times),
+            "step_s_max": max(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))]}
 
 
 class MetricsLogger:

@@ -57,7 +57,10 @@ def _interpretable() -> tuple[bool, str]:
     return True, ""
 
 
-@pytest.mark.skipif(not _interpretable()[0], reason=_interpretable()[1])
+INTERPRETABLE, WHY_NOT = _interpretable()
+
+
+@pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_masked_sdpa():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True,
