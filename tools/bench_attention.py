@@ -11,6 +11,7 @@ the runners did), the same SDPA without a mask (lower bound for the kernel), and
 written out as matmul + masked softmax + matmul, which inductor fuses.
 
     python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
+    python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
 """
 
 import argparse
@@ -153,6 +154,63 @@ def decode_rows(B, N, H, hd, device) -> list[dict]:
     return rows
 
 
+def graph_us(fn, calls: int = 50) -> float:
+    """Microseconds per call of fn, replayed from one CUDA graph of ``calls`` calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, iters=5) / calls * 1e3
+
+
+# (label, batch, KV heads, query heads per KV head, head dim, cache columns, visible columns)
+DECODE_SWEEP_SHAPES = [
+    ("cat-150m C8, early", 64, 24, 1, 64, 266, 8),
+    ("cat-150m C8, mid", 64, 24, 1, 64, 266, 137),
+    ("cat-150m C8, end", 64, 24, 1, 64, 266, 264),
+    ("cat-150m C32, mid", 64, 24, 1, 64, 97, 65),
+    ("dense-150m, mid", 64, 12, 1, 64, 2056, 1028),
+    ("dense-150m, end", 64, 12, 1, 64, 2056, 2050),
+    ("cat-150m C32 b320, mid", 320, 24, 1, 64, 161, 97),
+]
+
+
+def decode_sweep_rows(device) -> list[dict]:
+    """The decode kernel at each tile / warp / stage setting on the shapes generation meets
+    (one query per row, every row seeing the same number of columns, as in aligned batches):
+    microseconds per call and the bandwidth of the visible K/V it must read."""
+    from cat_titan.infer.decode_attention import _decode_kernel, kernel_config, launch_decode_kernel
+
+    rows = []
+    for label, B, Hkv, G, hd, N, vis in DECODE_SWEEP_SHAPES:
+        q = torch.randn(B, Hkv * G, 1, hd, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, N, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
+        lengths = torch.full((B, 1), vis, device=device, dtype=torch.long)
+        ref = None
+        useful = 2 * B * Hkv * vis * hd * 2  # bytes of visible K and V
+        for block_n in (32, 64, 128):
+            for warps in (1, 2, 4):
+                for stages in (1, 2, 3):
+                    cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        out = launch_decode_kernel(_decode_kernel, q, k, v, lengths, cfg)
+                        ref = out if ref is None else ref
+                        us = graph_us(lambda: launch_decode_kernel(_decode_kernel, q, k, v, lengths, cfg))
+                    except Exception as e:  # e.g. out of shared memory
+                        rows.append({"shape": label, **cfg, "error": repr(e)[:200]})
+                        continue
+                    rows.append({"shape": label, **cfg, "us": us, "visible_kv_GBps": useful / us / 1e3,
+                                 "max_diff": float((out.float() - ref.float()).abs().max()),
+                                 "default": cfg == kernel_config(hd, N)})
+        best = min((r for r in rows if r["shape"] == label and "us" in r), key=lambda r: r["us"])
+        dflt = next(r for r in rows if r["shape"] == label and r.get("default"))
+        print(json.dumps({"shape": label, "best": best, "default_us": dflt["us"]}), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -162,11 +220,18 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--decode", default="64x266,64x97,320x161",
                    help="decode shapes BATCHxCOLUMNS, comma-separated ('' to skip)")
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="only time the decode kernel's tile/warp/stage settings on generation's shapes")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dev = torch.device("cuda")
+    if a.decode_sweep:
+        rows = decode_sweep_rows(dev)
+        if a.json:
+            a.json.write_text(json.dumps({"decode_sweep": rows}, indent=1))
+        return 0
     out = {"train": train_rows(a.batch, a.seq, a.chunk, a.heads, a.head_dim, dev), "decode": []}
     out["compressor"] = compressor_rows(a.batch * a.seq // a.chunk, a.chunk + 1, a.heads // 2, a.head_dim, dev)
     for shape in filter(None, a.decode.split(",")):

@@ -1,7 +1,8 @@
 """decode_attention: the Triton kernel equals SDPA with the prefix mask.
 
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set before the
-kernel is defined, hence a subprocess); float32, tolerance 1e-5 (both accumulate in fp32,
+kernel is defined, hence a subprocess) at its default tile (kernel_config) and the other
+column tiles tools/bench_attention.py --decode-sweep times; float32, tolerance 1e-5 (both accumulate in fp32,
 in different orders). Columns past every visible length hold NaN: the kernel must never
 read them into a result. On CUDA: bf16 against the float32 definition, and the compiled
 CUDA-graph call against the eager one.
@@ -39,8 +40,9 @@ CHECK = textwrap.dedent("""
         n_max = int(lengths.max())
         if n_max < N:  # nothing past the longest visible length may be read
             k[:, :, n_max:], v[:, :, n_max:] = float("nan"), float("nan")
-        out = launch_decode_kernel(_decode_kernel, q, k, v, lengths)
-        errors.append((out - want).abs().max().item())
+        for cfg in (None, {"BLOCK_N": 32}, {"BLOCK_N": 128}):  # kernel_config's tile, and the others
+            out = launch_decode_kernel(_decode_kernel, q, k, v, lengths, cfg)
+            errors.append((out - want).abs().max().item())
     print(json.dumps(errors))
 """)
 
@@ -67,7 +69,7 @@ def test_kernel_in_interpreter_equals_masked_sdpa():
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     errors = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(errors) == len(SHAPES)
+    assert len(errors) == 3 * len(SHAPES)
     assert max(errors) <= 1e-5, errors  # NaN (a read past the visible columns) fails too
 
 
