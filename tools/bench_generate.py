@@ -68,7 +68,7 @@ def _configs(a) -> list[tuple[str, str, object, int | None]]:
 def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device) -> tuple[dict, object]:
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
-                      cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, repeat=a.repeat,
+                      cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
                       attend_bucket=a.attend_bucket)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--graph-mode", choices=["trees", "runner"], default="trees",
                    help="trees: torch.compile mode='reduce-overhead'; runner: each decode-step variant captured "
                         "by the runner (no per-step guards; cat_titan.infer.runners)")
+    p.add_argument("--autotune", action="store_true",
+                   help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
         p.error("--batch, --prompt-len, --gen-len, --repeat and --profile-steps must be >= 1")
     if a.cuda_graphs and not a.compile:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
+    if a.autotune and not a.compile:
+        p.error("--autotune needs --compile")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, dtype {a.dtype}, compile {a.compile}, cuda graphs {a.cuda_graphs} ({a.graph_mode}), "
+    print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -50,6 +50,8 @@ class SpeedConfig:
     graph_mode: str = "trees"
     """'trees': torch.compile's (mode='reduce-overhead'); 'runner': captured by the runner per
     step variant (``Runner.compile_step(mode='graphs')``, CUDA only)."""
+    autotune: bool = False
+    """With compile: inductor's max-autotune for the step's matmuls (``Runner.compile_step``)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -65,6 +67,8 @@ class SpeedConfig:
             raise ValueError(f"generation benchmark settings must be >= 1: {', '.join(bad)}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        if self.autotune and not self.compile:
+            raise ValueError("autotune needs compile (it is a torch.compile mode)")
         if self.graph_mode not in ("trees", "runner"):
             raise ValueError(f"graph_mode={self.graph_mode!r}: choose 'trees' (torch.compile's CUDA graphs) or "
                              f"'runner' (captured by the runner)")
@@ -100,7 +104,7 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
                          attend_bucket=cfg.attend_bucket)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
-        runner.compile_step(mode=graphs if cfg.cuda_graphs else None)
+        runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune)
     return runner
 
 
@@ -149,7 +153,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 attend_bucket=getattr(runner, "attend_bucket", None),
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-                graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, seconds=sec,
+                graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

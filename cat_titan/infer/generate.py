@@ -150,6 +150,7 @@ class Generation:
         if n == 0:
             return
         vocab = self.vocab_size
+        self.runner.refresh_gate_up()
         logits = self.runner.prefill(self.tokens, self.lengths)  # (B, V)
         pos, pos_host = self.lengths.clone(), self.lengths_host.clone()  # position of the token fed next
         stopped = torch.zeros(self.batch, dtype=torch.bool, device=pos.device)

@@ -82,10 +82,41 @@ def attn_output(attn: Attention, y: Tensor) -> Tensor:
     return attn.wo(y.transpose(1, 2).reshape(B, S, H * hd))
 
 
-def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Tensor]) -> Tensor:
-    """``TransformerBlock.forward`` with the attention call supplied by the caller."""
+def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Tensor],
+                  gate_up: Optional[Tensor] = None) -> Tensor:
+    """``TransformerBlock.forward`` with the attention call supplied by the caller; gate_up:
+    the feed-forward's fused w1|w3 weight (``fuse_gate_up``) or None."""
     h = x + attention(layer.attention_norm(x))
-    return h + layer.feed_forward(layer.ffn_norm(h))
+    ff, u = layer.feed_forward, layer.ffn_norm(h)
+    if gate_up is None:
+        return h + ff(u)
+    a, b = F.linear(u, gate_up).chunk(2, dim=-1)  # (B, S, 2F) -> 2 x (B, S, F)
+    return h + ff.w2(F.silu(a) * b)
+
+
+_GATE_UP = "_cat_titan_gate_up"
+
+
+def fuse_gate_up(ff: nn.Module) -> Optional[Tensor]:
+    """A SwiGLU's w1 and w3 weights stored as the two halves of one (2F, D) tensor, which is
+    returned: the parameters become views of it (no extra memory; the model computes what it
+    did), and a decode step runs one GEMM for both. At batch 64 on an H200 (1536 -> 2 x
+    4096, bf16) one GEMM takes 7.1 us against 2 x 5.2 us (tools/bench_attention.py's probe,
+    docs/benchmarks.md). Idempotent; None where the weights are not plain tensors of one
+    shape, dtype and device (DTensors under TP/FSDP). The state dict's w1 and w3 then share
+    one storage: torch.save keeps that, safetensors' save_file refuses it (clone them first;
+    cat_titan's export reads checkpoints, not live models)."""
+    w1, w3 = ff.w1.weight, ff.w3.weight
+    done = ff.__dict__.get(_GATE_UP)
+    if done is not None and w1.data_ptr() == done.data_ptr() and w3.data_ptr() == done[w1.shape[0]:].data_ptr():
+        return done
+    if (type(w1.data) is not torch.Tensor or type(w3.data) is not torch.Tensor or w1.shape != w3.shape
+            or w1.dtype != w3.dtype or w1.device != w3.device):
+        return None
+    fused = torch.cat([w1.detach(), w3.detach()])  # (2F, D)
+    ff.w1.weight.data, ff.w3.weight.data = fused[: w1.shape[0]], fused[w1.shape[0]:]
+    ff.__dict__[_GATE_UP] = fused  # not a parameter or buffer: state dicts are unchanged
+    return fused
 
 
 class KVCache(nn.Module):
@@ -206,6 +237,28 @@ class Runner(nn.Module):
         self._cuda_graphs = False
         self._graphs: Optional[dict] = None  # mode="graphs": step variant -> (CUDA graph, static args, output)
         self._graph_pool = None
+        # Per layer, the feed-forward's fused w1|w3 weight, set by compile_step on CUDA.
+        self._gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
+        self._fuse = False
+
+    def fuse_weights(self) -> None:
+        """Run each feed-forward's w1 and w3 as one GEMM in the decode step (``fuse_gate_up``;
+        it rewrites the model's w1/w3 parameters as views of one tensor). compile_step does
+        this on CUDA."""
+        self._fuse = True
+        self.refresh_gate_up()
+
+    def refresh_gate_up(self) -> None:
+        """(Re)fuse the feed-forward weights (``fuse_gate_up``); a generation calls it before
+        its prefill, so weights replaced since (``param.data = ...``) are fused again and the
+        captured graphs, which read the old tensors, are dropped."""
+        if not self._fuse:
+            return
+        new = [fuse_gate_up(layer.feed_forward) for layer in self.model.layers]
+        if any(a is not b for a, b in zip(new, self._gate_up)):
+            self._gate_up[:] = new  # same list object: compiled steps read its entries
+            if self._graphs:
+                self._graphs.clear()
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
     # pos) to choose the traced variant without a device sync.
@@ -252,15 +305,21 @@ class Runner(nn.Module):
         graph.replay()
         return out
 
-    def compile_step(self, mode: Optional[str] = None, **kw) -> None:
+    def compile_step(self, mode: Optional[str] = None, autotune: bool = False, **kw) -> None:
         """Compile the decode step (static shapes; one graph per step variant).
 
         mode='reduce-overhead': torch.compile's CUDA graphs (cudagraph trees; the caches are
         marked as static addresses). mode='graphs' (CUDA only): torch.compile without its
         CUDA graphs, each step variant captured by the runner itself (``_replay``), which
-        skips dynamo's guards and the cudagraph trees' checks on every step."""
+        skips dynamo's guards and the cudagraph trees' checks on every step.
+        autotune: inductor's max-autotune (times Triton GEMM templates against cuBLAS for each
+        of the step's matmul shapes; longer compilation)."""
+        if autotune and mode not in (None, "graphs", "reduce-overhead"):
+            raise ValueError(f"autotune=True sets the compile mode itself; got mode={mode!r}")
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            self.fuse_weights()
         if mode == "graphs":
-            device = next(self.model.parameters()).device
             if device.type != "cuda":
                 raise ValueError(f"compile_step(mode='graphs') captures CUDA graphs, but the model is on {device}; "
                                  f"use mode=None (torch.compile only) off CUDA")
@@ -276,6 +335,8 @@ class Runner(nn.Module):
         from torch._dynamo import config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        if autotune:
+            mode = "max-autotune" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
         self._compiled["decode"] = torch.compile(type(self)._decode_impl, mode=mode, dynamic=False, **kw)
 
     def completes(self, pos_host: Tensor) -> bool:
@@ -406,9 +467,9 @@ class CatRunner(Runner):
                             torch.where(done, 1, 0), torch.where(done, col + 2, 1)))
         x, col, rope, lengths = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
         cos, sin = _rope_at(m.rope, rope)
-        for layer, cache in zip(m.layers, self.kv):
+        for layer, cache, gate_up in zip(m.layers, self.kv, self._gate_up):
             x = block_forward(layer, x, lambda u, layer=layer, cache=cache:
-                              cache.attend(layer.attention, u, cos, sin, col, lengths))
+                              cache.attend(layer.attention, u, cos, sin, col, lengths), gate_up)
         if x.shape[1] == 1:
             return self._head(x[:, 0])
         # adaptive with completions: the sep query predicts for completing rows
@@ -528,7 +589,7 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-            x = block_forward(layer, x, attention)
+            x = block_forward(layer, x, attention, self._gate_up[i])
         return self._head(x[:, 0])
 
 

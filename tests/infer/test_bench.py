@@ -36,6 +36,24 @@ def test_bench_generate_rejects_bad_chunk_size():
     assert out.returncode != 0 and "not valid" in out.stderr, out.stderr
 
 
+def test_autotune_needs_compile_and_sets_the_mode_itself():
+    import pytest
+
+    from cat_titan.infer import make_runner
+    from cat_titan.infer.bench import SpeedConfig
+
+    from .util import debug_model
+
+    with pytest.raises(ValueError, match="autotune needs compile"):
+        SpeedConfig(autotune=True).validate()
+    runner = make_runner(debug_model("debug-dense"), 1, 8, 0)
+    with pytest.raises(ValueError, match="sets the compile mode itself"):
+        runner.compile_step(mode="max-autotune", autotune=True)
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_generate.py"), "--autotune", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 2 and "--autotune needs --compile" in out.stderr, out.stderr
+
+
 def test_cuda_kernel_rows_count_kernels_once():
     """Device-time tables (bench_generate --profile, bench_train --profile) keep device-side
     events only: a CPU op and a profiler annotation report their kernels' time again. The
