@@ -12,6 +12,7 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
 
     python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
+    python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
 """
 
 import argparse
@@ -211,6 +212,30 @@ def decode_sweep_rows(device) -> list[dict]:
     return rows
 
 
+# cat-150m's decode-step matmuls at batch 64: (name, in features, out features)
+DECODE_GEMMS = [("wqkv", 1536, 4608), ("wo", 1536, 1536), ("w1 (or w3)", 1536, 4096), ("w1|w3 fused", 1536, 8192),
+                ("w2", 4096, 1536), ("head", 1536, 32000), ("compressor wqkv", 768, 2304)]
+
+
+def decode_gemm_rows(device, batch: int = 64) -> list[dict]:
+    """The decode step's skinny matmuls (M = batch rows), cuBLAS (F.linear) against inductor's
+    max-autotune choice, each replayed 50 times from a CUDA graph. The weight stays in L2
+    across replays (all but the head fit in the H200's 60 MB), so these are lower bounds of
+    the in-step times; the weight-bytes bandwidth says how far from streaming they are."""
+    rows = []
+    for name, k, n in DECODE_GEMMS:
+        x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        row = {"gemm": name, "M": batch, "K": k, "N": n, "cublas_us": graph_us(lambda: F.linear(x, w))}
+        tuned = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+        row["autotune_us"] = graph_us(lambda: tuned(x, w))
+        for key in ("cublas", "autotune"):
+            row[f"{key}_weight_TBps"] = n * k * 2 / row[f"{key}_us"] / 1e6
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -222,15 +247,19 @@ def main() -> int:
                    help="decode shapes BATCHxCOLUMNS, comma-separated ('' to skip)")
     p.add_argument("--decode-sweep", action="store_true",
                    help="only time the decode kernel's tile/warp/stage settings on generation's shapes")
+    p.add_argument("--decode-gemms", action="store_true",
+                   help="only time the decode step's matmuls (cuBLAS vs max-autotune) at batch 64")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dev = torch.device("cuda")
-    if a.decode_sweep:
-        rows = decode_sweep_rows(dev)
+    if a.decode_sweep or a.decode_gemms:
+        out = {"decode_sweep": decode_sweep_rows(dev)} if a.decode_sweep else {}
+        if a.decode_gemms:
+            out["decode_gemms"] = decode_gemm_rows(dev)
         if a.json:
-            a.json.write_text(json.dumps({"decode_sweep": rows}, indent=1))
+            a.json.write_text(json.dumps(out, indent=1))
         return 0
     out = {"train": train_rows(a.batch, a.seq, a.chunk, a.heads, a.head_dim, dev), "decode": []}
     out["compressor"] = compressor_rows(a.batch * a.seq // a.chunk, a.chunk + 1, a.heads // 2, a.head_dim, dev)

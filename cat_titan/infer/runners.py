@@ -101,7 +101,7 @@ def fuse_gate_up(ff: nn.Module) -> Optional[Tensor]:
     """A SwiGLU's w1 and w3 weights stored as the two halves of one (2F, D) tensor, which is
     returned: the parameters become views of it (no extra memory; the model computes what it
     did), and a decode step runs one GEMM for both. At batch 64 on an H200 (1536 -> 2 x
-    4096, bf16) one GEMM takes 7.1 us against 2 x 5.2 us (tools/bench_attention.py's probe,
+    4096, bf16) one GEMM takes 7.1 us against 2 x 5.2 us (tools/bench_attention.py --decode-gemms,
     docs/benchmarks.md). Idempotent; None where the weights are not plain tensors of one
     shape, dtype and device (DTensors under TP/FSDP). The state dict's w1 and w3 then share
     one storage: torch.save keeps that, safetensors' save_file refuses it (clone them first;
