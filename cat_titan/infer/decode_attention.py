@@ -58,9 +58,10 @@ def kernel_config(hd: int, n_cols: int) -> dict:
     """Tile and launch settings of the CUDA kernel for head dim hd over a cache of n_cols
     columns. One query per head leaves the tensor-core tiles mostly empty, so the kernel is
     bound by how fast one program streams its K/V: on an H200 (`tools/bench_attention.py
-    --decode-sweep`, batch 64, 12-24 heads of 64) one warp with 32-column tiles was the
-    fastest or within 10% of it at every length, 1.1-2.1x faster than Triton's defaults (4
-    warps, 64 columns); a third pipeline stage pays only on long (dense) caches. Wider heads
+    --decode-sweep`, batch 64 and 320, 12-24 heads of 64) one warp with 32-column tiles was
+    the fastest or within 10% of it at every length, up to 2.1x faster than Triton's defaults
+    (4 warps, 64 columns) and never slower; a third pipeline stage pays only on long (dense)
+    caches. Wider heads
     keep the defaults (not measured)."""
     if hd > 64:
         return dict(BLOCK_N=BLOCK_N, num_warps=4, num_stages=3)
