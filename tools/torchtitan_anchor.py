@@ -10,8 +10,9 @@ What runs is torchtitan's own code, as its trainer assembles it for a default Ll
 checkpointing, per-block ``torch.compile``, FSDP2 over all ranks with bf16 parameters and fp32
 reductions; on one rank no FSDP but bf16 autocast, as its trainer's ``maybe_enable_amp``),
 ``init_weights``, its loss (sum cross-entropy, divided by the tokens) and its distributed
-``clip_grad_norm_``, AdamW (fused on CUDA; torchtitan's defaults lr 8e-4, weight decay 0.1). Its trainer itself is not used: it needs a tokenizer and a dataset on disk even to
-time a step, and this times random tokens as bench_train does. FLOPs per token: torchtitan's
+``clip_grad_norm_``, AdamW (fused on CUDA; torchtitan's defaults lr 8e-4, weight decay 0.1).
+Its trainer itself is not used: it needs a tokenizer and a dataset on disk even to time a
+step, and this times random tokens as bench_train does. FLOPs per token: torchtitan's
 own convention (``get_nparams_and_flops``), so the MFU is the one its logs would print.
 
 Needs: ``pip install torchtitan==0.2.2`` and what its package imports (datasets, tokenizers,
@@ -167,7 +168,7 @@ def describe(row: dict) -> str:
     mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
     mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
     return (f"{row['anchor']} {row['dim']}x{row['layers']} ({row['heads']} heads, compile {row['compile']}, "
-            f"AC {row['ac']}, {'FSDP ' + str(row['world']) if row['world'] > 1 else 'one rank, autocast'}): {row['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
+            f"AC {row['ac']}, {row['mixed_precision']}): {row['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
             f"MFU {mfu} (torchtitan's FLOPs), peak {mem}, step {row['step_s_mean'] * 1e3:.1f} ms "
             f"(median {row['step_s_median'] * 1e3:.1f}) on {row['world']} x {row['device_name']}")
 

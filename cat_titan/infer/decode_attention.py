@@ -61,8 +61,7 @@ def kernel_config(hd: int, n_cols: int) -> dict:
     --decode-sweep`, batch 64 and 320, 12-24 heads of 64) one warp with 32-column tiles was
     the fastest or within 10% of it at every length, up to 2.1x faster than Triton's defaults
     (4 warps, 64 columns) and never slower; a third pipeline stage pays only on long (dense)
-    caches. Wider heads
-    keep the defaults (not measured)."""
+    caches. Wider heads keep the defaults (not measured)."""
     if hd > 64:
         return dict(BLOCK_N=BLOCK_N, num_warps=4, num_stages=3)
     return dict(BLOCK_N=32, num_warps=1, num_stages=3 if n_cols > 512 else 2)

@@ -90,8 +90,7 @@ def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Ten
     ff, u = layer.feed_forward, layer.ffn_norm(h)
     if gate_up is None:
         return h + ff(u)
-    a, b = F.linear(u, gate_up).chunk(2, dim=-1)  # (B, S, 2F) -> 2 x (B, S, F)
-    return h + ff.w2(F.silu(a) * b)
+    return h + ff.gated(*F.linear(u, gate_up).chunk(2, dim=-1))  # (B, S, 2F) -> 2 x (B, S, F)
 
 
 _GATE_UP = "_cat_titan_gate_up"
@@ -237,23 +236,21 @@ class Runner(nn.Module):
         self._cuda_graphs = False
         self._graphs: Optional[dict] = None  # mode="graphs": step variant -> (CUDA graph, static args, output)
         self._graph_pool = None
-        # Per layer, the feed-forward's fused w1|w3 weight, set by compile_step on CUDA.
+        # Per layer, the feed-forward's fused w1|w3 weight (fuse_weights; compile_step on CUDA).
         self._gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
-        self._fuse = False
 
     def fuse_weights(self) -> None:
         """Run each feed-forward's w1 and w3 as one GEMM in the decode step (``fuse_gate_up``;
         it rewrites the model's w1/w3 parameters as views of one tensor). compile_step does
         this on CUDA."""
-        self._fuse = True
-        self.refresh_gate_up()
+        self.refresh_gate_up(force=True)
 
-    def refresh_gate_up(self) -> None:
-        """(Re)fuse the feed-forward weights (``fuse_gate_up``); a generation calls it before
-        its prefill, so weights replaced since (``param.data = ...``) are fused again and the
-        captured graphs, which read the old tensors, are dropped."""
-        if not self._fuse:
-            return
+    def refresh_gate_up(self, force: bool = False) -> None:
+        """Re-fuse the feed-forward weights of a fused runner (``fuse_gate_up``); a generation
+        calls it before its prefill, so weights replaced since (``param.data = ...``) are
+        fused again and the captured graphs, which read the old tensors, are dropped."""
+        if not force and all(g is None for g in self._gate_up):
+            return  # never fused (or nothing fusable)
         new = [fuse_gate_up(layer.feed_forward) for layer in self.model.layers]
         if any(a is not b for a, b in zip(new, self._gate_up)):
             self._gate_up[:] = new  # same list object: compiled steps read its entries

@@ -210,8 +210,13 @@ class FeedForward(nn.Module):
         self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w1(x), self.w3(x)
-        if use_liger(self.fused, a):
+        return self.gated(self.w1(x), self.w3(x))
+
+    def gated(self, a: Tensor, b: Tensor) -> Tensor:
+        """w2(silu(a) * b) for a = w1 x, b = w3 x (generation passes both from one GEMM, as
+        strided halves of its output: liger's kernel flattens its inputs, so those take the
+        plain ops)."""
+        if use_liger(self.fused, a) and a.is_contiguous() and b.is_contiguous():
             return self.w2(_liger()[2].apply(a, b))
         return self.w2(F.silu(a) * b)
 

@@ -6,6 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cat_titan.infer import make_runner
+from cat_titan.infer.bench import SpeedConfig
+
+from .util import debug_model
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,13 +44,6 @@ def test_bench_generate_rejects_bad_chunk_size():
 
 
 def test_autotune_needs_compile_and_sets_the_mode_itself():
-    import pytest
-
-    from cat_titan.infer import make_runner
-    from cat_titan.infer.bench import SpeedConfig
-
-    from .util import debug_model
-
     with pytest.raises(ValueError, match="autotune needs compile"):
         SpeedConfig(autotune=True).validate()
     runner = make_runner(debug_model("debug-dense"), 1, 8, 0)
