@@ -98,6 +98,12 @@ class TrainingConfig:
     """Clip the global gradient norm to this (0 disables)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on CUDA (fp32 master weights and reductions), float32 on CPU."""
+    mixed_precision: Literal["auto", "fsdp", "autocast"] = "auto"
+    """How a bfloat16 dtype is applied. fsdp: FSDP casts the gathered weights (and reduces
+    gradients in fp32); autocast: no FSDP, fp32 weights and torch.autocast around the forward
+    (one data-parallel rank only). auto: autocast on a single CUDA device without TP (FSDP's
+    per-block hooks there cost more host time than the GPU spends on a small model), fsdp
+    otherwise."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient norm: stop with an error, or skip the step."""
     compile: bool = False
@@ -114,6 +120,10 @@ class TrainingConfig:
     """Tokens of greedy text generated at the end of training (0 disables)."""
     sample_prompt: str = "def "
     """Prompt of the end-of-training sample."""
+    gc_interval: int = 0
+    """Run Python's garbage collector (young generations) every this many steps instead of
+    automatically, as torchtitan does (e.g. 50), so no collection lands inside a step while the
+    GPU waits for the host (0: Python's automatic collection). No measured effect here yet."""
 
 
 @dataclass
@@ -211,6 +221,8 @@ class Config:
         for name in ("steps", "global_batch", "micro_batch"):
             if getattr(t, name) <= 0:
                 errs.append(f"training.{name}={getattr(t, name)} must be positive")
+        if t.gc_interval < 0:
+            errs.append(f"training.gc_interval={t.gc_interval} must be >= 0 (0: Python's automatic collection)")
         if d.seq_len <= 0:
             errs.append(f"data.seq_len={d.seq_len} must be positive")
         elif d.seq_len > m.block_size:

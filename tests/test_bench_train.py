@@ -22,3 +22,4 @@ def test_bench_train_smoke(tmp_path):
     assert row["step_s_min"] <= row["step_s_median"] <= row["step_s_max"]
     assert set(row["chunk_sizes"]) <= {2, 4, 8}  # the config's curriculum (min 2, max 8)
     assert row["flops_per_token"] > 0
+    assert row["mixed_precision"] == "none"  # float32 on CPU

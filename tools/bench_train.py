@@ -126,14 +126,15 @@ def main() -> int:
             for c in trainer.curriculum.sizes:
                 trainer.model(x, y, chunk_size=c).backward()
             trainer.optimizer.zero_grad(set_to_none=True)
-        for _ in range(a.warmup):
-            out = trainer.train_step()
-        float(out["loss"])
         cuda = device.type == "cuda"
-        wall, times, outs = time_steps(trainer.train_step, a.steps, device)
-        sizes = [c for o in outs for c in o["chunk_sizes"] if c is not None]
-        del outs
-        breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
+        with trainer.gc:  # as in Trainer.run
+            for _ in range(a.warmup):
+                out = trainer.train_step()
+            float(out["loss"])
+            wall, times, outs = time_steps(trainer.train_step, a.steps, device)
+            sizes = [c for o in outs for c in o["chunk_sizes"] if c is not None]
+            del outs
+            breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
         stats = step_time_stats(wall, times, a.steps)
@@ -147,7 +148,8 @@ def main() -> int:
         row = {
             "config": a.config, "overrides": a.overrides, "world": world, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "tokens_per_sec_per_device": tps_gpu,
+            "torch": torch.__version__, "mixed_precision": trainer.mixed_precision,
+            "tokens_per_sec_per_device": tps_gpu,
             "mfu": tps_gpu * flops / peak if peak else None, "flops_per_token": flops,
             **stats,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
@@ -160,7 +162,7 @@ def main() -> int:
             print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
                   f"peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, "
                   f"min {row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}) on {world} x "
-                  f"{row['device_name']}", flush=True)
+                  f"{row['device_name']}, mixed precision {row['mixed_precision']}", flush=True)
             if breakdown:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "

@@ -261,6 +261,32 @@ def init_stds(dim: int, n_layers: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------
 # output head and loss
 # ----------------------------------------------------------------------------------------
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ w.T`` by liger's chunked kernel, which never holds the
+    (tokens, vocab) logits and computes both gradients during forward. liger's own backward
+    tests ``grad_output == 1`` with torch.equal, a device->host copy that made the host wait
+    for the whole forward once per micro-step (seen in H200 traces); here backward scales
+    the saved gradients by grad_output on the device instead.
+    h: (N, D), w: (V, D), labels: (N,) -> () float32."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+        out = fused_linear_cross_entropy_forward(h, w, labels, ignore_index=ignore_index, reduction="mean")
+        grad_h, grad_w = out[-3], out[-2]  # (loss, ..., grad_input, grad_weight, grad_bias) in every version
+        ctx.save_for_backward(grad_h, grad_w)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out.float()
+        return ((grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None,
+                (grad_w * scale).to(grad_w.dtype) if ctx.needs_input_grad[1] and grad_w is not None else None,
+                None, None)
+
+
 class OutputHead(nn.Module):
     """Final norm + vocabulary projection, with an optional fused linear cross-entropy that
     never materialises the (tokens, vocab) logits."""
@@ -276,9 +302,10 @@ class OutputHead(nn.Module):
         if labels is None:
             return self.output(h)  # (B, L, V)
         if use_liger(self.fused, h):
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-            return liger_fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight,
-                                                    labels.reshape(-1), ignore_index=ignore_index)
+            w = self.output.weight
+            if torch.is_autocast_enabled(h.device.type):  # h is fp32 there (the fp32 residual stream)
+                dtype = torch.get_autocast_dtype(h.device.type)
+                h, w = h.to(dtype), w.to(dtype)
+            return FusedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), ignore_index)
         logits = self.output(h).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
