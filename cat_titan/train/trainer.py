@@ -208,7 +208,7 @@ class Trainer:
         self.model_args = cfg.model.args()
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
-        use_fsdp, self.autocast_dtype = self._precision_plan(dtype)
+        use_fsdp, self.autocast_dtype, self.mixed_precision = self._precision_plan(dtype)
         model = build_model(self.model_args, device="meta", runtime_device=device)
         self.runtime_args = model.args
         parallelize(model, self.pdims, compile_=t.compile, ac=t.activation_checkpoint, ac_every=t.ac_every,
@@ -320,8 +320,8 @@ class Trainer:
             print(msg, flush=True)
 
     # ---------------------------------------------------------------------------------------
-    def _precision_plan(self, dtype: torch.dtype) -> tuple[bool, Optional[torch.dtype]]:
-        """(apply FSDP?, autocast dtype or None). FSDP whenever there are several data-parallel
+    def _precision_plan(self, dtype: torch.dtype) -> tuple[bool, Optional[torch.dtype], str]:
+        """(apply FSDP?, autocast dtype or None, "fsdp" | "autocast" | "none"). FSDP whenever there are several data-parallel
         ranks (and under TP on CUDA, as before); with one rank, a low-precision dtype runs as
         torchtitan's single-device runs do: fp32 weights, bf16 autocast, no FSDP hooks
         (measured on an H200, dense 768x12: the GPU was busy 41% of the step under FSDP).
@@ -332,13 +332,11 @@ class Trainer:
                                f"data-parallel ranks; use training.mixed_precision=auto or fsdp"])
         wants_fsdp = dp > 1 or mode == "fsdp" or (self.device.type == "cuda" and tp > 1 and mode == "auto")
         if wants_fsdp or dtype == torch.float32:
-            self.mixed_precision = "fsdp" if wants_fsdp and dtype != torch.float32 else "none"
-            return wants_fsdp, None
+            return wants_fsdp, None, "fsdp" if wants_fsdp and dtype != torch.float32 else "none"
         if tp > 1:  # DTensor blocks under autocast are not tested
             raise ConfigError([f"training.dtype={self.cfg.training.dtype} with tensor parallelism needs FSDP mixed "
                                f"precision; set training.mixed_precision=fsdp"])
-        self.mixed_precision = "autocast"
-        return False, dtype
+        return False, dtype, "autocast"
 
     def autocast(self):
         """The forward's mixed-precision context (a no-op under FSDP or in float32)."""
@@ -486,7 +484,7 @@ class Trainer:
             return EXIT_OK
         self.log(f"training {self.model_args.kind} ({self.model.num_params() / 1e6:.2f}M parameters) for "
                  f"{t.steps} steps on {self.pdims.world} x {self.device.type} (dp {self.pdims.dp}, "
-                 f"accumulation {self.accum}), run dir {self.run_dir}")
+                 f"accumulation {self.accum}, mixed precision {self.mixed_precision}), run dir {self.run_dir}")
         window_t, window_steps = time.time(), 0
         flops_cache: dict = {}
         while self.state.step < t.steps:

@@ -112,14 +112,13 @@ def test_precision_plan_refuses_autocast_with_data_parallel_ranks():
         cfg = Config()
         cfg.training.mixed_precision = mode
         fake = SimpleNamespace(cfg=cfg, pdims=SimpleNamespace(dp=dp, tp=tp), device=torch.device(device))
-        out = Trainer._precision_plan(fake, dtype)
-        return out, fake.mixed_precision
+        return Trainer._precision_plan(fake, dtype)
 
-    assert plan("auto", 1) == ((False, torch.bfloat16), "autocast")
-    assert plan("auto", 1, dtype=torch.float32) == ((False, None), "none")
-    assert plan("auto", 2) == ((True, None), "fsdp")
-    assert plan("fsdp", 1) == ((True, None), "fsdp")
-    assert plan("auto", 1, tp=2, device="cuda") == ((True, None), "fsdp")
+    assert plan("auto", 1) == (False, torch.bfloat16, "autocast")
+    assert plan("auto", 1, dtype=torch.float32) == (False, None, "none")
+    assert plan("auto", 2) == (True, None, "fsdp")
+    assert plan("fsdp", 1) == (True, None, "fsdp")
+    assert plan("auto", 1, tp=2, device="cuda") == (True, None, "fsdp")
     with pytest.raises(ConfigError, match="mixed_precision=autocast runs without FSDP.*2 data-parallel"):
         plan("autocast", 2)
     with pytest.raises(ConfigError, match="tensor parallelism needs FSDP"):
