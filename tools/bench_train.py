@@ -123,8 +123,8 @@ def main() -> int:
         # steps): CUDA events between steps give the per-step spread, one sync at the end.
         if trainer.curriculum is not None:  # compile every chunk size before timing
             x, y = trainer.loader.next_batch()
-            for c in trainer.curriculum.sizes:
-                trainer.model(x, y, chunk_size=c).backward()
+            for c in trainer.curriculum.sizes:  # the step's own forward/backward (precision, TP loss)
+                trainer.forward_backward(x, y, c)
             trainer.optimizer.zero_grad(set_to_none=True)
         cuda = device.type == "cuda"
         with trainer.gc:  # as in Trainer.run

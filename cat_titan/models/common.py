@@ -281,9 +281,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out.float()
-        return ((grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None,
-                (grad_w * scale).to(grad_w.dtype) if ctx.needs_input_grad[1] and grad_w is not None else None,
+        # grad_out: () float32; a 0-dim factor keeps the gradients' dtypes.
+        return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
+                grad_w * grad_out if ctx.needs_input_grad[1] and grad_w is not None else None,
                 None, None)
 
 

@@ -344,6 +344,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, chunk_size: Optional[int],
+                         accum: int = 1) -> torch.Tensor:
+        """One micro-batch's forward (under the run's precision) and backward; gradients
+        accumulate. Returns the loss divided by ``accum``, detached."""
+        with loss_parallel_context():  # TP: the loss runs on vocabulary-sharded logits
+            with self.autocast():  # backward outside: autograd replays the forward's casts
+                loss = self.model(x, y, chunk_size=chunk_size) / accum
+            loss.backward()
+        return loss.detach()
+
     def _mean_over_dp(self, x: torch.Tensor) -> float:
         x = x.detach().float().reshape(1).clone()
         dist.all_reduce(x)
@@ -363,11 +373,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             c = self.curriculum.chunk_size(step, micro, self.accum) if self.curriculum else None
             sizes.append(c)
-            with loss_parallel_context():  # TP: the loss runs on vocabulary-sharded logits
-                with self.autocast():  # backward outside: autograd replays the forward's casts
-                    loss = self.model(x, y, chunk_size=c) / self.accum
-                loss.backward()
-            total += loss.detach()
+            total += self.forward_backward(x, y, c, self.accum)
         norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         # The global gradient norm decides (the same value on every rank, so all ranks skip
         # together); a non-finite loss makes it non-finite too.

@@ -17,21 +17,27 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def cuda_trainer(config: str, run_dir: Path, *overrides: str):
+    """The real Trainer on the GPU for a debug config: batch 8 of 256 tokens, nothing saved."""
+    from cat_titan.config import load_config
+    from cat_titan.train.trainer import Trainer, preflight
+
+    cfg = load_config(str(ROOT / "configs" / config), [
+        f"job.run_dir={run_dir}", "job.device=cuda", "training.global_batch=8", "data.seq_len=256",
+        "metrics.tensorboard=false", "training.sample_tokens=0", "checkpoint.interval=0",
+        "checkpoint.save_final=false", "data.corpus_max_bytes=2000000", *overrides])
+    device, _ = preflight(cfg)
+    return Trainer(cfg, device, None)
+
+
 @pytest.mark.parametrize("precision", ["autocast", "fsdp"])
 def test_adaptive_cat_compiles_each_chunk_size_once_on_cuda(tmp_path, monkeypatch, precision):
     from torch._dynamo.utils import counters
 
-    from cat_titan.config import load_config
-    from cat_titan.train.trainer import Trainer, preflight
-
     monkeypatch.setenv("CAT_TITAN_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(str(ROOT / "configs" / "debug_cat_adaptive.yaml"), [
-        f"job.run_dir={tmp_path / 'run'}", "job.device=cuda", "training.compile=true", "training.steps=60",
-        "training.global_batch=8", "training.micro_batch=8", "data.seq_len=256", "metrics.tensorboard=false",
-        "training.sample_tokens=0", "checkpoint.interval=0", "checkpoint.save_final=false",
-        "data.corpus_max_bytes=2000000", f"training.mixed_precision={precision}"])
-    device, _ = preflight(cfg)
-    trainer = Trainer(cfg, device, None)
+    trainer = cuda_trainer("debug_cat_adaptive.yaml", tmp_path / "run", "training.compile=true",
+                           "training.steps=60", "training.micro_batch=8", f"training.mixed_precision={precision}")
+    cfg = trainer.cfg
     assert trainer.mixed_precision == precision
     sizes = trainer.curriculum.sizes
     counters.clear()
@@ -60,21 +66,13 @@ def test_autocast_matches_fsdp_mixed_precision_on_cuda(tmp_path, monkeypatch, co
     differ only by rounding (0.03 on losses of ~3-6, 12 steps); both train. Eager blocks,
     so liger's norm, RoPE and SwiGLU kernels run under autocast too (compiled blocks use
     inductor's; the test above compiles under autocast)."""
-    from cat_titan.config import load_config
-    from cat_titan.train.trainer import Trainer, preflight
-
     monkeypatch.setenv("CAT_TITAN_CACHE", str(tmp_path / "cache"))
     curves = {}
     for precision in ("fsdp", "autocast"):
-        cfg = load_config(str(ROOT / "configs" / config), [
-            f"job.run_dir={tmp_path / precision}", "job.device=cuda", "training.compile=false", "training.steps=12",
-            "training.global_batch=8", "training.micro_batch=4", "data.seq_len=256", "metrics.tensorboard=false",
-            "training.sample_tokens=0", "checkpoint.interval=0", "checkpoint.save_final=false",
-            "data.corpus_max_bytes=2000000", "optimizer.lr=3e-3", f"training.mixed_precision={precision}"])
-        device, _ = preflight(cfg)
-        trainer = Trainer(cfg, device, None)
+        trainer = cuda_trainer(config, tmp_path / precision, "training.compile=false", "training.micro_batch=4",
+                               "optimizer.lr=3e-3", f"training.mixed_precision={precision}")
         assert trainer.runtime_args.fused_ops == "on", "liger's fused ops should be on for this comparison"
-        curves[precision] = [float(trainer.train_step()["loss"]) for _ in range(cfg.training.steps)]
+        curves[precision] = [float(trainer.train_step()["loss"]) for _ in range(12)]
         del trainer
     a, b = curves["fsdp"], curves["autocast"]
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.03, (a, b)
