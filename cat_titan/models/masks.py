@@ -143,30 +143,29 @@ def cat_mask_mod(tables: LayoutTables):
 
 
 def layout_mask_mod(layout: CatLayout):
-    """The same rule as ``cat_mask_mod``, with kind and group computed from the position by
-    integer arithmetic instead of table lookups: inside FlexAttention's kernels this costs
-    a few integer ops per score instead of four gathers (the training path uses it)."""
-    L, C, K = layout.seq_len, layout.chunk_size, layout.num_chunks
-    S0, real, stride = layout.slot_start, layout.real_len, 2 if layout.with_sep else 1
-    assert layout.token_start == 0 and S0 == L  # the arithmetic below assumes [tokens | slots | pad]
+    """The same rule as ``cat_mask_mod``, computed from the positions by integer arithmetic
+    instead of table lookups: FlexAttention evaluates it on every score of every partial
+    tile (nearly all of the CAT's tiles), so its op count is kernel time.
 
-    def classify(i):
-        is_tok = i < L
-        in_slots = (i >= L) & (i < real)
-        slot = torch.clamp(i - L, min=0)
-        is_fx = in_slots & (slot % stride == 0)
-        is_sep = in_slots & (slot % stride == 1)
-        group = torch.where(is_tok, i // C, torch.where(in_slots, slot // stride, K + 1))
-        return is_fx, is_sep, is_tok, group
+    Slots are numbered r = kv - L. A query's *slot horizon* h is the last slot it may see:
+    a token of chunk k sees up to its own separator (h = stride*k + stride - 1), a slot
+    query up to itself (h = q - L). Slot r is visible iff r <= h and, with separators, r is
+    an fx (even) or r == h (the query's own separator, or itself)."""
+    L, C = layout.seq_len, layout.chunk_size
+    real, sep = layout.real_len, layout.with_sep
+    stride = 2 if sep else 1
+    assert layout.token_start == 0 and layout.slot_start == L  # the arithmetic assumes [tokens | slots | pad]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qf, qs, qt, gq = classify(q_idx)
-        kf, ks, kt, gk = classify(kv_idx)
-        q_pad = ~(qf | qs | qt)
-        see_fx = kf & (gk <= gq)
-        see_sep = ks & (gk == gq) & ~qf
-        see_tok = kt & qt & (gk == gq) & (kv_idx <= q_idx)
-        return ((see_fx | see_sep | see_tok) & ~q_pad) | (q_pad & (q_idx == kv_idx))
+        q_tok = q_idx < L
+        horizon = torch.where(q_tok, (q_idx // C) * stride + (stride - 1), q_idx - L)
+        r = kv_idx - L
+        see_slot = (r <= horizon) & (kv_idx < real)
+        if sep:
+            see_slot = see_slot & ((r % 2 == 0) | (r == horizon))
+        see_tok = q_tok & (q_idx // C == kv_idx // C) & (kv_idx <= q_idx)
+        see = torch.where(kv_idx < L, see_tok, see_slot)
+        return torch.where(q_idx < real, see, q_idx == kv_idx)  # pad queries see only themselves
 
     return mask_mod
 
