@@ -11,6 +11,7 @@ the runners did), the same SDPA without a mask (lower bound for the kernel), and
 written out as matmul + masked softmax + matmul, which inductor fuses.
 
     python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
+    python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
 """
@@ -108,6 +109,52 @@ def train_rows(B, L, C, H, hd, device) -> list[dict]:
     causal_pairs = lay.length * (lay.length + 1) // 2
     run("causal flex", lay.length, lambda b, h, q, kv: q >= kv, pairs=causal_pairs)
     run("causal sdpa", lay.length, None, sdpa_causal=True, pairs=causal_pairs)
+    return rows
+
+
+def flex_rows(B, L, H, hd, device, autotune: bool) -> list[dict]:
+    """The CAT decoder's FlexAttention call as the model makes it (models/masks.py block
+    mask), forward + backward, compiled: inductor's default tiles vs the model's kernel options
+    (common.flex_kernel_options; outputs and gradients compared), and optionally inductor's
+    autotuned configs, at the chunk sizes the presets train with."""
+    from torch._dynamo import config as dynamo_config
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from cat_titan.models.common import flex_kernel_options
+    from cat_titan.models.masks import CatLayout, layout_mask_mod
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)  # one graph per variant
+    rows = []
+
+    def run(label, lay, mask_mod, opts, mode=None, ref=None):
+        f = torch.compile(flex_attention, dynamic=False, mode=mode)
+        gen = torch.Generator(device=device).manual_seed(0)  # the same inputs for every variant
+        q, k, v, g = (torch.randn(B, H, lay.length, hd, device=device, dtype=torch.bfloat16, generator=gen)
+                      for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lay.length, KV_LEN=lay.length, device=device)
+        ms = timed(lambda: f(q, k, v, block_mask=bm, kernel_options=opts).backward(g))
+        q.grad = k.grad = v.grad = None
+        out = f(q, k, v, block_mask=bm, kernel_options=opts)
+        out.backward(g)
+        res = [t.detach().float() for t in (out, q.grad, k.grad, v.grad)]
+        row = {"variant": label, "S": lay.length, "ms_fwd_bwd": ms}
+        if ref is not None:
+            row["max_diff_out_dq_dk_dv"] = [float((a - b).abs().max()) for a, b in zip(res, ref)]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return res
+
+    for C, sep in ((8, False), (4, True), (8, True), (16, True), (32, True)):
+        lay = CatLayout(L, C, sep)
+        tag = f"C{C}{' sep' if sep else ''}"
+        ref = run(f"{tag}: mask function, inductor's default tiles", lay, layout_mask_mod(lay), None)
+        opts = flex_kernel_options(torch.empty(1, 1, 1, hd, device=device))
+        run(f"{tag}: mask function, the model's kernel options {opts}", lay, layout_mask_mod(lay), opts, ref=ref)
+        if autotune:
+            run(f"{tag}: mask function, max-autotune", lay, layout_mask_mod(lay), None,
+                "max-autotune-no-cudagraphs", ref=ref)
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -249,11 +296,19 @@ def main() -> int:
                    help="only time the decode kernel's tile/warp/stage settings on generation's shapes")
     p.add_argument("--decode-gemms", action="store_true",
                    help="only time the decode step's matmuls (cuBLAS vs max-autotune) at batch 64")
+    p.add_argument("--flex", action="store_true",
+                   help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
+    p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dev = torch.device("cuda")
+    if a.flex:
+        out = {"flex": flex_rows(a.batch, a.seq, a.heads, a.head_dim, dev, a.autotune)}
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
+        return 0
     if a.decode_sweep or a.decode_gemms:
         out = {"decode_sweep": decode_sweep_rows(dev)} if a.decode_sweep else {}
         if a.decode_gemms:

@@ -101,14 +101,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------
 _compiled_flex = None
 
+# FlexAttention backward tiles for the CAT masks on Hopper at head dim 64: inductor's
+# max-autotune picked these over its default (64/128/128/64, 3 stages, 8 warps). Forward +
+# backward of the reference-sized decoder attention (batch 8, 24 heads, chunk 8) on an H200:
+# 1.49 -> 1.28 ms (tools/bench_attention.py --flex --autotune, docs/benchmarks.md). Nearly
+# every tile of a CAT mask is partial; small tiles waste less of each.
+HOPPER_FLEX_BWD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                   "bwd_num_stages": 1, "bwd_num_warps": 4}
+
+
+@torch.compiler.assume_constant_result
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def flex_kernel_options(q: Tensor) -> Optional[dict]:
+    """Kernel options for the shapes and devices they were measured on; None elsewhere."""
+    if q.is_cuda and q.shape[-1] == 64 and _is_hopper(q.device.index or 0):
+        return HOPPER_FLEX_BWD
+    return None
+
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool) -> Tensor:
     """FlexAttention, compiled once (eager flex materialises the full score matrix)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
+    opts = flex_kernel_options(q)
     if torch.compiler.is_compiling():  # inside a compiled block: inductor lowers it
-        return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=opts)
     if _compiled_flex is None:
         # One graph per (shape, mask) is expected here (eager callers: generation, tests,
         # adaptive chunk sizes); the default recompile limit of 8 would fall back to the
@@ -117,7 +138,7 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _compiled_flex = torch.compile(_flex, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=opts)
 
 
 SHORT_SEQ = 64
