@@ -282,29 +282,87 @@ def init_stds(dim: int, n_layers: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------
 # output head and loss
 # ----------------------------------------------------------------------------------------
+# The arguments of liger's cross-entropy kernel this module calls (liger-kernel 0.8.5). With
+# another signature FusedLinearCrossEntropy falls back to liger's own chunked forward.
+_LIGER_CE_ARGS = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride",
+                  "token_accuracy_ptr", "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride",
+                  "n_cols", "n_non_ignore", "sum_non_ignore_weight", "weight_sum", "ignore_index", "lse_square_scale",
+                  "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS", "RETURN_TOKEN_ACCURACY",
+                  "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT", "HAS_SOFTCAPPING", "HAS_GRADIENTS")
+
+
+def _liger_ce_kernel():
+    """liger's in-place cross-entropy kernel (loss and d loss / d logits in one pass over a
+    row of logits), or None if its signature is not the one this module was written for."""
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel as kernel
+
+    return kernel if tuple(getattr(kernel, "arg_names", ())) == _LIGER_CE_ARGS else None
+
+
+def _fused_ce_sum(h: Tensor, w: Tensor, labels: Tensor, ignore_index: int, kernel) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of h @ w.T and its gradients, a chunk of rows at a time so that
+    the logits held at once are about the size of h. liger's own loop first counts the
+    non-ignored labels with ``.item()`` (a host sync per micro-step, seen in H200 traces:
+    the host idles until the forward ends, then the GPU idles while it queues the loss);
+    here the kernel sums (its count argument is unused for "sum") and the mean is taken on
+    the device. h: (N, D), w: (V, D), labels: (N,) -> loss (N,) fp32, grad_h, grad_w."""
+    import triton
+
+    N, D = h.shape
+    V = w.shape[0]
+    chunk = min(N, triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, D))))
+    loss = torch.zeros(N, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros_like(w)
+    logits_buf = torch.empty(chunk, V, dtype=h.dtype, device=h.device)
+    block = min(65536 // 2, triton.next_power_of_2(V))  # liger's MAX_FUSED_SIZE
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = logits_buf[:e - s]
+        torch.mm(h[s:e], w.t(), out=logits)  # (c, V)
+        y = labels[s:e].contiguous()
+        kernel[(e - s,)](
+            X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=y, Y_stride=y.stride(-1), weight_ptr=None,
+            loss_ptr=loss[s:e], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None, token_accuracy_stride=0,
+            predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=V, n_non_ignore=1,
+            sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=ignore_index, lse_square_scale=0.0,
+            label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False,
+            RETURN_PREDICTED_TOKENS=False, BLOCK_SIZE=block, HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+            HAS_GRADIENTS=True, num_warps=32)  # logits now hold d loss / d logits
+        torch.mm(logits, w, out=grad_h[s:e])  # (c, D)
+        grad_w.addmm_(logits.t(), h[s:e])  # (V, D)
+    return loss, grad_h, grad_w
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``h @ w.T`` by liger's chunked kernel, which never holds the
-    (tokens, vocab) logits and computes both gradients during forward. liger's own backward
-    tests ``grad_output == 1`` with torch.equal, a device->host copy that made the host wait
-    for the whole forward once per micro-step (seen in H200 traces); here backward scales
-    the saved gradients by grad_output on the device instead.
+    """Mean cross-entropy of ``h @ w.T`` computed in chunks that never hold the (tokens,
+    vocab) logits, both gradients during forward (liger's kernel), with no host sync:
+    the mean's count stays on the device (``_fused_ce_sum``), and backward scales the saved
+    gradients by grad_output / count on the device (liger's backward tests
+    ``grad_output == 1`` with torch.equal, another device->host copy).
     h: (N, D), w: (V, D), labels: (N,) -> () float32."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+        kernel = _liger_ce_kernel()
+        if kernel is None:  # another liger version: its own loop (syncs once per call)
+            from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
 
-        out = fused_linear_cross_entropy_forward(h, w, labels, ignore_index=ignore_index, reduction="mean")
-        grad_h, grad_w = out[-3], out[-2]  # (loss, ..., grad_input, grad_weight, grad_bias) in every version
-        ctx.save_for_backward(grad_h, grad_w)
-        return out[0]
+            out = fused_linear_cross_entropy_forward(h, w, labels, ignore_index=ignore_index, reduction="mean")
+            count = torch.ones((), device=h.device)
+            ctx.save_for_backward(out[-3], out[-2], count)  # (loss, ..., grad_input, grad_weight, grad_bias)
+            return out[0]
+        loss, grad_h, grad_w = _fused_ce_sum(h, w, labels, ignore_index, kernel)
+        count = (labels != ignore_index).sum().clamp(min=1).float()  # () on the device
+        ctx.save_for_backward(grad_h, grad_w, count)
+        return loss.sum() / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        # grad_out: () float32; a 0-dim factor keeps the gradients' dtypes.
-        return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
-                grad_w * grad_out if ctx.needs_input_grad[1] and grad_w is not None else None,
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count  # () float32; a 0-dim factor keeps the gradients' dtypes
+        return (grad_h * scale if ctx.needs_input_grad[0] else None,
+                grad_w * scale if ctx.needs_input_grad[1] and grad_w is not None else None,
                 None, None)
 
 

@@ -1,7 +1,9 @@
 """On CUDA with liger-kernel: cat_titan's fused linear cross-entropy equals the plain
 logits -> cross_entropy computation (float32: loss and gradients to 1e-5 relative), scales
-its gradients by the upstream gradient (gradient accumulation divides the loss), and its
-backward never synchronises with the host (torch's sync debug mode raises if it does)."""
+its gradients by the upstream gradient (gradient accumulation divides the loss), and never
+synchronises with the host: neither forward (its own chunk loop) nor backward (torch's sync
+debug mode raises if it does). The fallback for other liger versions (liger's own loop,
+which counts labels with .item()) is checked for the same values."""
 
 import pytest
 import torch
@@ -19,21 +21,28 @@ def _inputs(n=1000, d=64, v=5000, dtype=torch.float32):
     return h.requires_grad_(), w.requires_grad_(), labels
 
 
-def test_fused_linear_cross_entropy_matches_plain_and_never_syncs():
+@pytest.mark.parametrize("loop", ["own", "liger fallback"])
+def test_fused_linear_cross_entropy_matches_plain_and_never_syncs(loop, monkeypatch):
     pytest.importorskip("liger_kernel", reason="needs liger-kernel")
+    from cat_titan.models import common
     from cat_titan.models.common import FusedLinearCrossEntropy
 
+    if loop == "own":
+        assert common._liger_ce_kernel() is not None, "liger's kernel signature changed: update _LIGER_CE_ARGS"
+    else:
+        monkeypatch.setattr(common, "_liger_ce_kernel", lambda: None)
     h, w, labels = _inputs()
     ref = F.cross_entropy(h @ w.T, labels, ignore_index=-100)
     (ref * 0.25).backward()  # as one of 4 accumulated micro-batches
     ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
 
-    loss = FusedLinearCrossEntropy.apply(h, w, labels, -100)
-    scaled = loss * 0.25
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error" if loop == "own" else "default")
     try:
+        loss = FusedLinearCrossEntropy.apply(h, w, labels, -100)
+        torch.cuda.set_sync_debug_mode("error")
+        scaled = loss * 0.25
         scaled.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
