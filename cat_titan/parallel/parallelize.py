@@ -224,8 +224,9 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, compile_: bool, ac: st
     return model
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm in place and return it as a plain scalar tensor.
+def grad_norm(parameters: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The parameters that have gradients, and the global gradient norm as a plain scalar
+    tensor (nothing is clipped).
 
     Gradients may be plain tensors or DTensors on any meshes. A gradient whose placements
     differ from its parameter's (partial sums of replicated norm weights under sequence
@@ -245,10 +246,22 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
         n = torch.nn.utils.get_total_norm(grads)
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     if not norms:
-        return torch.zeros(())
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return params, torch.zeros(())
+    return params, norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm in place (``grad_norm``) and return it."""
+    params, total = grad_norm(parameters)
+    if params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping divides the gradients by, max(1, (norm + 1e-6) / max_norm): the
+    reciprocal of ``clip_grads_with_norm_``'s factor, for fused AdamW's ``grad_scale``."""
+    return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
