@@ -104,8 +104,8 @@ _compiled_flex = None
 # FlexAttention backward tiles for the CAT masks on Hopper at head dim 64: inductor's
 # max-autotune picked these over its default (64/128/128/64, 3 stages, 8 warps). Forward +
 # backward of the reference-sized decoder attention (batch 8, 24 heads, chunk 8) on an H200:
-# 1.49 -> 1.28 ms (tools/bench_attention.py --flex --autotune, docs/benchmarks.md). Nearly
-# every tile of a CAT mask is partial; small tiles waste less of each.
+# 1.50 -> 1.33 ms, and 8-12% at the adaptive sizes 4..32 (tools/bench_attention.py --flex,
+# docs/benchmarks.md). Nearly every tile of a CAT mask is partial; small tiles waste less.
 HOPPER_FLEX_BWD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                    "bwd_num_stages": 1, "bwd_num_warps": 4}
 
