@@ -9,6 +9,7 @@ only); the plain-PyTorch paths compute the same functions and are what CPU runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -291,6 +292,7 @@ _LIGER_CE_ARGS = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_
                   "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT", "HAS_SOFTCAPPING", "HAS_GRADIENTS")
 
 
+@functools.cache  # looked up once, not on every micro-step
 def _liger_ce_kernel():
     """liger's in-place cross-entropy kernel (loss and d loss / d logits in one pass over a
     row of logits), or None if its signature is not the one this module was written for."""

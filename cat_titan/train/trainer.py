@@ -321,11 +321,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def _precision_plan(self, dtype: torch.dtype) -> tuple[bool, Optional[torch.dtype], str]:
-        """(apply FSDP?, autocast dtype or None, "fsdp" | "autocast" | "none"). FSDP whenever there are several data-parallel
-        ranks (and under TP on CUDA, as before); with one rank, a low-precision dtype runs as
-        torchtitan's single-device runs do: fp32 weights, bf16 autocast, no FSDP hooks
-        (measured on an H200, dense 768x12: the GPU was busy 41% of the step under FSDP).
-        training.mixed_precision=fsdp keeps FSDP there."""
+        """(apply FSDP?, autocast dtype or None, "fsdp" | "autocast" | "none"). FSDP whenever
+        there are several data-parallel ranks (and under TP on CUDA, as before); with one rank,
+        a low-precision dtype runs as torchtitan's single-device runs do: fp32 weights, bf16
+        autocast, no FSDP hooks (measured on an H200, dense 768x12: the GPU was busy 41% of the
+        step under FSDP). training.mixed_precision=fsdp keeps FSDP there."""
         mode, dp, tp = self.cfg.training.mixed_precision, self.pdims.dp, self.pdims.tp
         if mode == "autocast" and dp > 1:
             raise ConfigError([f"training.mixed_precision=autocast runs without FSDP, but this job has {dp} "
@@ -374,10 +374,9 @@ class Trainer:
             c = self.curriculum.chunk_size(step, micro, self.accum) if self.curriculum else None
             sizes.append(c)
             total += self.forward_backward(x, y, c, self.accum)
-        if self._skip_on_device:  # fused AdamW clips inside its kernel (grad_scale, below)
-            norm = grad_norm(self.model.parameters())[1]
-        else:
-            norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        params = self.model.parameters()  # fused AdamW clips inside its kernel (grad_scale, below)
+        norm = grad_norm(params)[1] if self._skip_on_device else \
+            clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         # The global gradient norm decides (the same value on every rank, so all ranks skip
         # together); a non-finite loss makes it non-finite too.
         bad = ~torch.isfinite(norm)  # () bool, on the device

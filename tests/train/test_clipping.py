@@ -5,13 +5,10 @@ as it reads each gradient. Checked on real gloo processes, world 1 (plain module
 float32; tolerance 2e-6 on the weights after three steps (the two optimizers differ by
 rounding only; observed ~1e-7), while an unclipped run moves them by far more."""
 
-from pathlib import Path
-
 import pytest
 
 from ..distributed import launch
-
-ROOT = Path(__file__).resolve().parents[2]
+from . import debug_cat_config
 
 
 def body(rank, world, run_root):
@@ -19,17 +16,13 @@ def body(rank, world, run_root):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from cat_titan.config import load_config
     from cat_titan.train.trainer import Trainer, preflight
 
     dist.init_process_group("gloo")
     weights, norms, scales = {}, {}, {}
     for impl, clip in (("fused", 0.05), ("foreach", 0.05), ("fused", 0.0)):
-        cfg = load_config(str(ROOT / "configs" / "debug_cat.yaml"), [
-            f"job.run_dir={run_root}/{impl}-{clip}", "training.steps=3", "data.seq_len=64",
-            "training.global_batch=4", "training.micro_batch=2", "training.sample_tokens=0",
-            "metrics.tensorboard=false", "data.corpus_max_bytes=300000", f"optimizer.implementation={impl}",
-            f"training.grad_clip={clip}", "checkpoint.interval=0", "checkpoint.save_final=false"])
+        cfg = debug_cat_config(f"{run_root}/{impl}-{clip}", 3, f"optimizer.implementation={impl}",
+                               f"training.grad_clip={clip}")
         device, _ = preflight(cfg)
         trainer = Trainer(cfg, device, None)
         seen = []

@@ -7,13 +7,11 @@ sync (``found_inf``) and reports at the next check, and for the foreach optimize
 checks on the host in the step. World 1 (plain module) and 2 (FSDP, DTensor parameters).
 """
 
-from pathlib import Path
-
 import pytest
 
 from ..distributed import launch
+from . import debug_cat_config
 
-ROOT = Path(__file__).resolve().parents[2]
 BAD_STEP = 3  # 1-based: the third optimizer step sees the NaN
 
 
@@ -40,18 +38,14 @@ def same(a, b) -> bool:
 def body(rank, world, run_root):
     import torch.distributed as dist
 
-    from cat_titan.config import load_config
     from cat_titan.train.trainer import NonFiniteError, Trainer, preflight
 
     dist.init_process_group("gloo")
     results = {}
     for impl in ("fused", "foreach"):
         for policy in ("skip", "stop"):
-            cfg = load_config(str(ROOT / "configs" / "debug_cat.yaml"), [
-                f"job.run_dir={run_root}/{impl}-{policy}", "training.steps=6", "data.seq_len=64",
-                "training.global_batch=4", "training.micro_batch=2", "training.sample_tokens=0",
-                "metrics.tensorboard=false", "data.corpus_max_bytes=300000", f"optimizer.implementation={impl}",
-                f"training.nonfinite={policy}", "checkpoint.interval=0", "checkpoint.save_final=false"])
+            cfg = debug_cat_config(f"{run_root}/{impl}-{policy}", 6, f"optimizer.implementation={impl}",
+                                   f"training.nonfinite={policy}")
             device, _ = preflight(cfg)
             trainer = Trainer(cfg, device, None)
             poison = trainer.model.layers[0]
