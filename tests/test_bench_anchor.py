@@ -49,6 +49,14 @@ def test_anchor_runs_torchtitan_llama3_at_the_dense_size(tmp_path):
     d, V = args.dim, m.vocab_size
     hidden = 256 * math.ceil(int(8 * d / 3) / 256)
     assert a["params"] == 2 * V * d + args.n_layers * (4 * d * d + 3 * d * hidden + 2 * d) + d
+    # cat_titan's FLOPs per token for the same model, counted independently: 6 x (block and
+    # head MACs) + the causal attention pairs, L(L+1)/2 per sequence, at 12 FLOPs x width each
+    L = a["seq_len"]
+    want = 6 * (args.n_layers * (4 * d * d + 3 * d * hidden) + d * V) + 12 * args.n_layers * d * (L + 1) / 2
+    assert a["flops_per_token_cat_titan"] == pytest.approx(want, rel=1e-12)
+    # torchtitan's convention counts all L x L scores (and the norm weights): more FLOPs
+    assert a["flops_per_token"] > a["flops_per_token_cat_titan"]
+    assert a["mfu_cat_titan_flops"] is None or a["mfu_cat_titan_flops"] < a["mfu"]
     assert a["tokens_per_sec_per_device"] > 0 and a["step_s_min"] > 0
     assert abs(a["final_loss"] - math.log(V)) < 1.0  # random tokens, three steps from init
     assert "anchor: torchtitan" in res.stdout

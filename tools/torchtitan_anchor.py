@@ -12,8 +12,11 @@ reductions; on one rank no FSDP but bf16 autocast, as its trainer's ``maybe_enab
 ``init_weights``, its loss (sum cross-entropy, divided by the tokens) and its distributed
 ``clip_grad_norm_``, AdamW (fused on CUDA; torchtitan's defaults lr 8e-4, weight decay 0.1).
 Its trainer itself is not used: it needs a tokenizer and a dataset on disk even to time a
-step, and this times random tokens as bench_train does. FLOPs per token: torchtitan's
-own convention (``get_nparams_and_flops``), so the MFU is the one its logs would print.
+step, and this times random tokens as bench_train does. FLOPs per token, two ways: torchtitan's
+own convention (``get_nparams_and_flops``: the MFU its logs would print; it counts the full
+L x L attention scores, "not accounting for sparsity in causal attention"), and cat_titan's
+formula (``registry.flops_per_token``: only the L(L+1)/2 pairs the causal mask allows, as
+bench_train counts for cat_titan's models). Compare MFUs computed with the same formula.
 
 Needs: ``pip install torchtitan==0.2.2`` and what its package imports (datasets, tokenizers,
 tyro, ...). Tested on CPU with torch 2.13 (datasets 3.6, huggingface_hub < 1), one process
@@ -109,6 +112,7 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
     with torch.device("meta"):
         model = Transformer(args)
     n_params, flops_per_token = args.get_nparams_and_flops(model, cfg.seq_len)
+    flops_cat_titan = cat_titan_flops(model, cfg)
     model = parallelize_llama(model, pdims, job)
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
@@ -158,18 +162,34 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
         "mixed_precision": ("FSDP bf16 parameters" if pdims.fsdp_enabled
                             else "bf16 autocast" if isinstance(amp, torch.autocast) else "none"),
         "params": n_params, "flops_per_token": flops_per_token, "tokens_per_sec_per_device": tps,
-        "mfu": tps * flops_per_token / peak if peak else None, **step_time_stats(wall, times, cfg.steps),
+        "mfu": tps * flops_per_token / peak if peak else None, "flops_per_token_cat_titan": flops_cat_titan,
+        "mfu_cat_titan_flops": tps * flops_cat_titan / peak if peak else None,
+        **step_time_stats(wall, times, cfg.steps),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None, "final_loss": final,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
     }
 
 
+def cat_titan_flops(model: torch.nn.Module, cfg: AnchorConfig) -> float:
+    """cat_titan's FLOPs per token (registry.flops_per_token) for torchtitan's Llama3 of this
+    shape: the same formula bench_train applies to cat_titan's models."""
+    from cat_titan.models.args import ModelArgs
+    from cat_titan.models.registry import flops_per_token
+
+    hidden = next(m for name, m in model.named_modules() if name.endswith("feed_forward")).w1.out_features
+    args = ModelArgs(kind="dense", vocab_size=cfg.vocab, vocab_multiple=1, block_size=cfg.seq_len, dim=cfg.dim,
+                     n_layers=cfg.layers, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads, intermediate_size=hidden)
+    return flops_per_token(args, cfg.seq_len)
+
+
 def describe(row: dict) -> str:
     mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+    same = f"{row['mfu_cat_titan_flops']:.1%}" if row["mfu_cat_titan_flops"] is not None else "n/a"
     mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
     return (f"{row['anchor']} {row['dim']}x{row['layers']} ({row['heads']} heads, compile {row['compile']}, "
             f"AC {row['ac']}, {row['mixed_precision']}): {row['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
-            f"MFU {mfu} (torchtitan's FLOPs), peak {mem}, step {row['step_s_mean'] * 1e3:.1f} ms "
+            f"MFU {mfu} with torchtitan's FLOPs, {same} with cat_titan's formula (causal pairs only), "
+            f"peak {mem}, step {row['step_s_mean'] * 1e3:.1f} ms "
             f"(median {row['step_s_median'] * 1e3:.1f}) on {row['world']} x {row['device_name']}")
 
 
