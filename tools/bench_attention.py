@@ -14,6 +14,7 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
+    python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 
 import argparse
@@ -41,21 +42,56 @@ def timed(fn, iters: int = 20, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
-def compressor_rows(N, S, H, hd, device) -> list[dict]:
-    """The compressor's attention: N = B*K chunks of S = prefix + C positions, bidirectional."""
+def compressor_rows(B, K, S, H, hd, device) -> list[dict]:
+    """The compressor's attention: N = B*K chunks of S = prefix + C positions, bidirectional,
+    forward + backward, compiled: SDPA, the model's form (two batched matmuls + softmax) and
+    FlexAttention over the chunks side by side. Error: largest difference of the output and
+    the three gradients from a float32 computation of the same bf16 inputs."""
+    from cat_titan.models.common import short_attention
+
     rows = []
-    q, k, v = (torch.randn(N, H, S, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn(N, H, S, hd, device=device, dtype=torch.bfloat16)
+    N = B * K
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, g = (torch.randn(N, H, S, hd, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
 
-    def manual(q, k, v):
-        s = (q @ k.transpose(-1, -2)).float() * hd ** -0.5
-        return s.softmax(-1).to(v.dtype) @ v
+    def out_and_grads(fn, *args):
+        out = fn(*args)
+        return [out.float(), *(t.float() for t in torch.autograd.grad(out, args, g.to(out.dtype)))]
 
-    for label, fn in [("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)), ("matmul + softmax", manual)]:
+    exact = out_and_grads(F.scaled_dot_product_attention, *(t.detach().float().requires_grad_() for t in (q, k, v)))
+    for label, fn in [("sdpa", F.scaled_dot_product_attention), ("matmul + softmax", short_attention)]:
         f = torch.compile(fn, dynamic=False)
         ms = timed(lambda: f(q, k, v).backward(g))
-        rows.append({"variant": f"compressor {label}", "N": N, "S": S, "ms_fwd_bwd": ms})
+        err = [float((a - b).abs().max()) for a, b in zip(out_and_grads(f, q, k, v), exact)]
+        rows.append({"variant": f"compressor {label}", "N": N, "S": S, "ms_fwd_bwd": ms,
+                     "max_err_out_dq_dk_dv": err})
         print(json.dumps(rows[-1]), flush=True)
+    # FlexAttention over each sequence's chunks side by side, (B, H, K*S, hd) views of the
+    # (B, K*S, H, hd) projections, with a block-diagonal mask: the same function.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from cat_titan.models.common import flex_kernel_options
+
+    def side_by_side(t):  # (B*K, H, S, hd) -> (B, H, K*S, hd), stored as (B, K*S, H, hd)
+        return t.detach().view(B, K, H, S, hd).permute(0, 1, 3, 2, 4).reshape(B, K * S, H, hd).transpose(1, 2)
+
+    def chunked(t):  # the inverse
+        return t.transpose(1, 2).reshape(B, K, S, H, hd).permute(0, 1, 3, 2, 4).reshape(N, H, S, hd)
+
+    fq, fk, fv = (side_by_side(t).requires_grad_() for t in (q, k, v))
+    fg = side_by_side(g)
+    bm = create_block_mask(lambda b, h, qi, ki: qi // S == ki // S, B=None, H=None, Q_LEN=K * S, KV_LEN=K * S,
+                           device=device)
+    f = torch.compile(flex_attention, dynamic=False)
+    opts = flex_kernel_options(fq)
+    ms = timed(lambda: f(fq, fk, fv, block_mask=bm, kernel_options=opts).backward(fg))
+    out = f(fq, fk, fv, block_mask=bm, kernel_options=opts)
+    got = [out, *torch.autograd.grad(out, (fq, fk, fv), fg)]
+    err = [float((chunked(a).float() - b).abs().max()) for a, b in zip(got, exact)]
+    rows.append({"variant": "compressor flex, chunks side by side (block-diagonal mask)", "N": N, "S": S,
+                 "ms_fwd_bwd": ms, "max_err_out_dq_dk_dv": err})
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -299,6 +335,8 @@ def main() -> int:
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
     p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs")
+    p.add_argument("--compressor", action="store_true",
+                   help="only time the compressor's attention forms at the chunk sizes the presets train with")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -306,6 +344,12 @@ def main() -> int:
     dev = torch.device("cuda")
     if a.flex:
         out = {"flex": flex_rows(a.batch, a.seq, a.heads, a.head_dim, dev, a.autotune)}
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
+        return 0
+    if a.compressor:  # B*K chunks of prefix + C positions, compressor heads = decoder heads / 2
+        out = {"compressor": [r for C, pre in ((8, 1), (4, 2), (8, 2), (16, 2), (32, 2))
+                              for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
@@ -317,7 +361,7 @@ def main() -> int:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
     out = {"train": train_rows(a.batch, a.seq, a.chunk, a.heads, a.head_dim, dev), "decode": []}
-    out["compressor"] = compressor_rows(a.batch * a.seq // a.chunk, a.chunk + 1, a.heads // 2, a.head_dim, dev)
+    out["compressor"] = compressor_rows(a.batch, a.seq // a.chunk, a.chunk + 1, a.heads // 2, a.head_dim, dev)
     for shape in filter(None, a.decode.split(",")):
         b, n = (int(x) for x in shape.split("x"))
         out["decode"] += decode_rows(b, n, a.heads, a.head_dim, dev)
