@@ -85,6 +85,9 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     if device.type != "cuda":
         return {}
     summary = kernel_breakdown(prof, steps, wall)
+    from cat_titan.infer.profiling import idle_gaps, trace_device_spans
+
+    summary["idle"] = idle_gaps(trace_device_spans(out / f"trace-{rank}.json.gz"))
     (out / f"breakdown-{rank}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -95,7 +98,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (one host sync, at the end)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--profile", type=Path, help="also trace 3 steps with torch.profiler: chrome trace + top ops table")
+    p.add_argument("--profile", type=Path,
+                   help="also trace 3 steps with torch.profiler: chrome trace, top ops table, device idle gaps")
     p.add_argument("--anchor", choices=["torchtitan"], default=None,
                    help="then time torchtitan's Llama3 at the model's dense size (the CAT's decoder) in the same "
                         "process group (tools/torchtitan_anchor.py; torchtitan is an optional dependency)")
@@ -167,6 +171,11 @@ def main() -> int:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in breakdown["ms_per_step_by_kind"].items()), flush=True)
+                idle = breakdown["idle"]
+                print(f"  device idle {idle['idle_ms']:.1f} of {idle['span_ms']:.1f} ms traced, by gap: "
+                      + ", ".join(f"{k} {v:.1f} ms" for k, v in idle["idle_ms_by_gap"].items())
+                      + "; largest: " + ", ".join(f"{g['us']:.0f} us at {g['at_ms']:.1f} ms"
+                                                  for g in idle["largest_gaps"][:4]), flush=True)
         if a.anchor:
             args = trainer.model_args
             acfg = anchor.AnchorConfig(dim=args.dim, layers=args.n_layers, heads=args.n_heads,

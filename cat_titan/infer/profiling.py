@@ -138,6 +138,43 @@ def kernel_rows(prof, steps: int, device_type: str) -> list[dict]:
     return rows
 
 
+GAP_CLASSES = ((2.0, "under 2 us"), (20.0, "2-20 us"), (100.0, "20-100 us"), (float("inf"), "100 us and more"))
+
+
+def idle_gaps(spans: list[tuple[float, float]], largest: int = 8) -> dict:
+    """Device idle time between (start_us, end_us) spans of kernels and copies (overlaps
+    merged): the total, by gap size, and the largest gaps with their offset from the first
+    span. Small gaps are launch spacing; a few large ones point at the host."""
+    spans = sorted(spans)
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "idle_ms_by_gap": {}, "largest_gaps": []}
+    t0, end = spans[0][0], spans[0][1]
+    gaps, busy = [], 0.0
+    start = t0
+    for a, b in spans[1:]:
+        if a > end:
+            gaps.append((a - end, end - t0))
+            busy += end - start
+            start = a
+        end = max(end, b)
+    busy += end - start
+    by_class = {label: 0.0 for _, label in GAP_CLASSES}
+    for g, _ in gaps:
+        by_class[next(label for limit, label in GAP_CLASSES if g < limit)] += g / 1e3
+    return {"span_ms": (end - t0) / 1e3, "busy_ms": busy / 1e3, "idle_ms": sum(g for g, _ in gaps) / 1e3,
+            "idle_ms_by_gap": by_class,
+            "largest_gaps": [{"us": g, "at_ms": at / 1e3} for g, at in sorted(gaps, reverse=True)[:largest]]}
+
+
+def trace_device_spans(path: Path) -> list[tuple[float, float]]:
+    """(start_us, end_us) of every kernel, copy and memset in a chrome trace (.json or .json.gz)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return [(e["ts"], e["ts"] + e["dur"]) for e in events
+            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+
+
 def host_call_counts(prof, steps: int) -> dict:
     counts = {e.key: e.count for e in _events(prof) if e.key in HOST_CALLS}
     return {k: v / steps for k, v in sorted(counts.items())}

@@ -72,3 +72,35 @@ def test_cuda_kernel_rows_count_kernels_once():
     rows = kernel_rows(prof, 2, "cuda")
     assert [r["name"] for r in rows] == ["nvjet_sm90_tst_192x192", "triton_poi_fused_add"]
     assert rows[0]["us_per_step"] == 150.0 and abs(rows[0]["share"] - 0.75) < 1e-9
+
+
+def test_idle_gaps_merge_overlaps_and_class_gaps(tmp_path):
+    """bench_train --profile's idle summary: overlapping spans (two streams) merge, gaps are
+    summed by size and the largest are listed with their offset; spans come from the chrome
+    trace's kernel, copy and memset events only."""
+    import gzip
+
+    from cat_titan.infer.profiling import idle_gaps, trace_device_spans
+
+    # busy 0-10 and 5-12 (overlap), gap 1 us, 13-20, gap 150 us, 170-171, gap 30 us, 201-210
+    spans = [(5.0, 12.0), (0.0, 10.0), (13.0, 20.0), (170.0, 171.0), (201.0, 210.0)]
+    r = idle_gaps(spans)
+    assert r["span_ms"] == 0.21 and abs(r["busy_ms"] - 0.029) < 1e-12 and abs(r["idle_ms"] - 0.181) < 1e-12
+    assert r["idle_ms_by_gap"] == {"under 2 us": 0.001, "2-20 us": 0.0, "20-100 us": 0.03, "100 us and more": 0.15}
+    assert [(g["us"], g["at_ms"]) for g in r["largest_gaps"]] == [(150.0, 0.02), (30.0, 0.171), (1.0, 0.012)]
+    assert idle_gaps([])["idle_ms"] == 0.0
+
+    trace = {"traceEvents": [{"cat": "kernel", "ts": 100.0, "dur": 5.0}, {"cat": "cpu_op", "ts": 0.0, "dur": 500.0},
+                             {"cat": "gpu_memcpy", "ts": 110.0, "dur": 2.0}, {"cat": "kernel", "ts": 120.0}]}
+    path = tmp_path / "trace-0.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    assert trace_device_spans(path) == [(100.0, 105.0), (110.0, 112.0)]
+    # a real torch.profiler trace of CPU work has no device spans
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(8).sum()
+    prof.export_chrome_trace(str(tmp_path / "cpu.json"))
+    assert trace_device_spans(tmp_path / "cpu.json") == []
