@@ -84,9 +84,9 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     (out / f"ops-{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
     if device.type != "cuda":
         return {}
-    summary = kernel_breakdown(prof, steps, wall)
     from cat_titan.infer.profiling import idle_gaps, trace_device_spans
 
+    summary = kernel_breakdown(prof, steps, wall)
     summary["idle"] = idle_gaps(trace_device_spans(out / f"trace-{rank}.json.gz"))
     (out / f"breakdown-{rank}.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -112,7 +112,7 @@ def main() -> int:
 
     from cat_titan.config import load_config
     from cat_titan.models.registry import flops_per_token
-    from cat_titan.train.metrics import peak_flops, step_time_stats, time_steps
+    from cat_titan.train.metrics import mfu, peak_flops, percent, step_time_stats, time_steps
     from cat_titan.train.trainer import Trainer, preflight
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,17 +154,16 @@ def main() -> int:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "mixed_precision": trainer.mixed_precision,
             "tokens_per_sec_per_device": tps_gpu,
-            "mfu": tps_gpu * flops / peak if peak else None, "flops_per_token": flops,
+            "mfu": mfu(tps_gpu, flops, peak), "flops_per_token": flops,
             **stats,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }
         is_main = trainer.is_main
         if is_main:
-            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
-            print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, MFU {mfu}, "
-                  f"peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, "
+            print(f"{a.config} {' '.join(a.overrides)}: {tps_gpu:,.0f} tokens/s per device, "
+                  f"MFU {percent(row['mfu'])}, peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, "
                   f"min {row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}) on {world} x "
                   f"{row['device_name']}, mixed precision {row['mixed_precision']}", flush=True)
             if breakdown:

@@ -88,7 +88,7 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
      Transformer) = _import_torchtitan()
     import torchtitan
 
-    from cat_titan.train.metrics import peak_flops, step_time_stats, time_steps
+    from cat_titan.train.metrics import mfu, peak_flops, step_time_stats, time_steps
 
     _ensure_process_group(device)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -162,8 +162,8 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
         "mixed_precision": ("FSDP bf16 parameters" if pdims.fsdp_enabled
                             else "bf16 autocast" if isinstance(amp, torch.autocast) else "none"),
         "params": n_params, "flops_per_token": flops_per_token, "tokens_per_sec_per_device": tps,
-        "mfu": tps * flops_per_token / peak if peak else None, "flops_per_token_cat_titan": flops_cat_titan,
-        "mfu_cat_titan_flops": tps * flops_cat_titan / peak if peak else None,
+        "mfu": mfu(tps, flops_per_token, peak), "flops_per_token_cat_titan": flops_cat_titan,
+        "mfu_cat_titan_flops": mfu(tps, flops_cat_titan, peak),
         **step_time_stats(wall, times, cfg.steps),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None, "final_loss": final,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
@@ -183,13 +183,13 @@ def cat_titan_flops(model: torch.nn.Module, cfg: AnchorConfig) -> float:
 
 
 def describe(row: dict) -> str:
-    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-    same = f"{row['mfu_cat_titan_flops']:.1%}" if row["mfu_cat_titan_flops"] is not None else "n/a"
+    from cat_titan.train.metrics import percent
+
     mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
     return (f"{row['anchor']} {row['dim']}x{row['layers']} ({row['heads']} heads, compile {row['compile']}, "
             f"AC {row['ac']}, {row['mixed_precision']}): {row['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
-            f"MFU {mfu} with torchtitan's FLOPs, {same} with cat_titan's formula (causal pairs only), "
-            f"peak {mem}, step {row['step_s_mean'] * 1e3:.1f} ms "
+            f"MFU {percent(row['mfu'])} with torchtitan's FLOPs, {percent(row['mfu_cat_titan_flops'])} with "
+            f"cat_titan's formula (causal pairs only), peak {mem}, step {row['step_s_mean'] * 1e3:.1f} ms "
             f"(median {row['step_s_median'] * 1e3:.1f}) on {row['world']} x {row['device_name']}")
 
 

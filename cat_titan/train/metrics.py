@@ -27,6 +27,16 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, peak: Optional[float], devices: int = 1) -> Optional[float]:
+    """Model FLOPs utilisation: tokens/s x FLOPs per token over the devices' peak (None if unknown)."""
+    return tokens_per_s * flops_per_token / (peak * devices) if peak else None
+
+
+def percent(x: Optional[float]) -> str:
+    """An MFU (or other fraction) for printing; "n/a" where it is unknown."""
+    return f"{x:.1%}" if x is not None else "n/a"
+
+
 def time_steps(step: Callable[[], T], n: int, device: torch.device) -> tuple[float, list[float], list[T]]:
     """Run ``step()`` n times with no host sync between steps and one at the end (benchmarks).
 

@@ -42,7 +42,7 @@ from ..parallel.parallelize import (clip_divisor, clip_grad_norm_, compiled_grap
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
                          load_model_weights, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
-from .metrics import MetricsLogger, peak_flops
+from .metrics import MetricsLogger, mfu, peak_flops
 
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
 
@@ -518,7 +518,7 @@ class Trainer:
                 row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": float(out["grad_norm"]), "tokens_per_sec": tps,
                        "tokens_per_sec_per_device": tps / self.pdims.world,
-                       "mfu": (tps * flops_cache[key] / (self.peak * self.pdims.world)) if self.peak else None,
+                       "mfu": mfu(tps, flops_cache[key], self.peak, self.pdims.world),
                        "tokens_seen": self.state.tokens_seen, "start_step": start_step}
                 if self.curriculum is not None:
                     row["chunk_size"] = key
