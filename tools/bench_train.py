@@ -7,8 +7,9 @@ loss, clipping, optimizer step), fed random tokens, after warm-up.
         training.global_batch=16
 
 Prints tokens/s per GPU, MFU (registry.flops_per_token over the measured time, peak bf16
-FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory and the spread
-of step times; --json writes them. Runs on CPU too (smoke test, no MFU).
+FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory, the spread
+of step times and every step's time, and on CUDA how far the host ran ahead of the device
+(near 0: host-bound); --json writes them. Runs on CPU too (smoke test, no MFU).
 """
 
 import argparse
@@ -135,13 +136,13 @@ def main() -> int:
             for _ in range(a.warmup):
                 out = trainer.train_step()
             float(out["loss"])
-            wall, times, outs = time_steps(trainer.train_step, a.steps, device)
+            wall, times, outs, lead = time_steps(trainer.train_step, a.steps, device)
             sizes = [c for o in outs for c in o["chunk_sizes"] if c is not None]
             del outs
             breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
-        stats = step_time_stats(wall, times, a.steps)
+        stats = step_time_stats(wall, times, a.steps, lead)
         mean_step, median = stats["step_s_mean"], stats["step_s_median"]
         tps_gpu = tokens_per_step / mean_step / world
         if sizes:  # adaptive: average FLOPs over the chunk sizes actually drawn
@@ -166,6 +167,10 @@ def main() -> int:
                   f"MFU {percent(row['mfu'])}, peak {mem}, step {mean_step * 1e3:.1f} ms (median {median * 1e3:.1f}, "
                   f"min {row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}) on {world} x "
                   f"{row['device_name']}, mixed precision {row['mixed_precision']}", flush=True)
+            print("  step times, ms: " + " ".join(f"{x * 1e3:.1f}" for x in row["step_s"]), flush=True)
+            if lead is not None:
+                print(f"  host ahead of the device at step ends: min {row['host_lead_s_min'] * 1e3:.1f} ms, median "
+                      f"{row['host_lead_s_median'] * 1e3:.1f} ms (near 0: the device waits for the host)", flush=True)
             if breakdown:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "

@@ -150,7 +150,7 @@ def run_anchor(cfg: AnchorConfig, device: torch.device) -> dict:
     float(loss.detach())
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    wall, times, losses = time_steps(step, cfg.steps, device)
+    wall, times, losses, _ = time_steps(step, cfg.steps, device)
     final = float(losses[-1].detach())
     del losses
     tps = cfg.local_batch * cfg.seq_len / (wall / cfg.steps)  # per device

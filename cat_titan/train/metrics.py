@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
@@ -37,34 +37,57 @@ def percent(x: Optional[float]) -> str:
     return f"{x:.1%}" if x is not None else "n/a"
 
 
-def time_steps(step: Callable[[], T], n: int, device: torch.device) -> tuple[float, list[float], list[T]]:
-    """Run ``step()`` n times with no host sync between steps and one at the end (benchmarks).
+class StepTimes(NamedTuple):
+    wall: float
+    """Seconds from the first step's call to the end of the last step's device work."""
+    times: list[float]
+    """Per-step seconds: on CUDA the n-1 intervals between the device's step ends, on CPU all n."""
+    outs: list
+    """The steps' return values."""
+    host_lead: Optional[list[float]]
+    """CUDA only: for each step, seconds between the host returning from ``step()`` (its work
+    queued) and the device finishing that work. Near 0: the device waited for the host (host
+    bound); about a step or more: the host was ahead. None on CPU (it runs in step())."""
 
-    Returns the wall seconds, the per-step seconds (on CUDA from events recorded after each
-    step: the n-1 intervals between step ends; on CPU all n) and the steps' outputs."""
+
+def time_steps(step: Callable[[], T], n: int, device: torch.device) -> StepTimes:
+    """Run ``step()`` n times with no host sync between steps and one at the end (benchmarks).
+    The caller synchronises before, so the device is idle when the first step is called."""
     cuda = device.type == "cuda"
-    outs, marks, t0 = [], [], time.perf_counter()
+    outs, marks, host = [], [], []
+    if cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()  # runs at once on the idle device: device time 0 ~ host time 0
+    t0 = time.perf_counter()
     for _ in range(n):
         outs.append(step())
+        host.append(time.perf_counter() - t0)
         if cuda:
             marks.append(torch.cuda.Event(enable_timing=True))
             marks[-1].record()
-        else:
-            marks.append(time.perf_counter())
     if cuda:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    if cuda:
-        times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-    else:
-        times = [b - a for a, b in zip([t0] + marks, marks)]
-    return wall, times, outs
+    if not cuda:
+        return StepTimes(wall, [b - a for a, b in zip([0.0] + host, host)], outs, None)
+    ends = [start.elapsed_time(m) / 1e3 for m in marks]  # device seconds since start
+    return StepTimes(wall, [b - a for a, b in zip(ends, ends[1:])], outs, host_lead(host, ends))
 
 
-def step_time_stats(wall: float, times: list[float], n: int) -> dict:
-    """The step-time spread the benchmarks report (seconds)."""
-    return {"step_s_mean": wall / n, "step_s_median": statistics.median(times), "step_s_min": min(times),
-            "step_s_max": max(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))]}
+def host_lead(host_done: list[float], device_done: list[float]) -> list[float]:
+    """How far the host was ahead of the device at each step: the device's end of step i
+    minus the host's return from step i (both seconds from one origin)."""
+    return [d - h for h, d in zip(host_done, device_done)]
+
+
+def step_time_stats(wall: float, times: list[float], n: int, lead: Optional[list[float]] = None) -> dict:
+    """The step-time spread the benchmarks report (seconds), every step's time, and (CUDA)
+    the host's lead over the device at the step ends."""
+    stats = {"step_s_mean": wall / n, "step_s_median": statistics.median(times), "step_s_min": min(times),
+             "step_s_max": max(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))], "step_s": times}
+    if lead is not None:
+        stats.update(host_lead_s=lead, host_lead_s_min=min(lead), host_lead_s_median=statistics.median(lead))
+    return stats
 
 
 class MetricsLogger:

@@ -1,6 +1,12 @@
-"""The MFU arithmetic the trainer's log, bench_train and the torchtitan anchor share."""
+"""The MFU arithmetic the trainer's log, bench_train and the torchtitan anchor share, and the
+benchmarks' step timing (time_steps: per-step times, the host's lead over the device)."""
 
-from cat_titan.train.metrics import mfu, percent
+import time
+
+import pytest
+import torch
+
+from cat_titan.train.metrics import host_lead, mfu, percent, step_time_stats, time_steps
 
 
 def test_mfu_is_tokens_times_flops_over_the_devices_peak():
@@ -10,3 +16,43 @@ def test_mfu_is_tokens_times_flops_over_the_devices_peak():
     assert abs(mfu(4 * 150e3, 2.77e9, 989e12, devices=4) - mfu(150e3, 2.77e9, 989e12)) < 1e-15
     assert mfu(150e3, 2.77e9, None) is None  # CPU or an unknown GPU: no peak in the table
     assert percent(0.4201) == "42.0%" and percent(None) == "n/a"
+
+
+def test_time_steps_on_cpu_times_every_step_and_has_no_host_lead():
+    calls = []
+    wall, times, outs, lead = time_steps(lambda: calls.append(time.sleep(0.01)) or len(calls), 4, torch.device("cpu"))
+    assert outs == [1, 2, 3, 4] and len(times) == 4 and lead is None
+    assert all(t >= 0.01 for t in times) and abs(sum(times) - wall) < 1e-3
+    stats = step_time_stats(wall, times, 4)
+    assert stats["step_s"] == times and "host_lead_s" not in stats
+
+
+def test_host_lead_and_its_stats():
+    # host returned from steps at 1, 2, 3 s; the device finished them at 5, 5.5, 3.2 s
+    lead = host_lead([1.0, 2.0, 3.0], [5.0, 5.5, 3.2])
+    assert [round(x, 9) for x in lead] == [4.0, 3.5, 0.2]
+    stats = step_time_stats(3.2, [0.5, 0.5], 3, lead)
+    assert stats["host_lead_s_min"] == lead[2] and stats["host_lead_s_median"] == 3.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_lead_tells_a_device_bound_step_from_a_host_bound_one():
+    dev = torch.device("cuda")
+    x = torch.ones(1, device=dev)
+    torch.cuda.synchronize()
+
+    def device_bound():  # queues ~10-30 ms of device work and returns at once
+        torch.cuda._sleep(40_000_000)
+        return x + 1
+
+    def host_bound():  # the host takes 20 ms, the device a few microseconds
+        time.sleep(0.02)
+        return x + 1
+
+    _, times, _, lead = time_steps(device_bound, 6, dev)
+    assert len(times) == 5 and len(lead) == 6
+    assert lead[-1] > 3 * min(times)  # the host queued every step long before the device got to it
+    torch.cuda.synchronize()
+    _, _, _, lead = time_steps(host_bound, 6, dev)
+    assert max(lead) < 0.005  # each step's work ended right after the host queued it
