@@ -5,11 +5,14 @@ loss, clipping, optimizer step), fed random tokens, after warm-up.
     python tools/bench_train.py --config configs/cat_150m.yaml [key=value ...] [--steps 20 --warmup 5]
     torchrun --standalone --nproc_per_node=2 tools/bench_train.py --config configs/cat_150m.yaml \
         training.global_batch=16
+    python tools/bench_train.py --config configs/cat_adaptive_150m.yaml training.global_batch=8 --vs-fixed
 
 Prints tokens/s per GPU, MFU (registry.flops_per_token over the measured time, peak bf16
 FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory, the spread
 of step times and every step's time, and on CUDA how far the host ran ahead of the device
-(near 0: host-bound); --json writes them. Runs on CPU too (smoke test, no MFU).
+(near 0: host-bound); --json writes them. --vs-fixed (adaptive CATs) then times each chunk
+size alone and compares the random curriculum with the same draws at fixed sizes. Runs on
+CPU too (smoke test, no MFU).
 """
 
 import argparse
@@ -93,6 +96,42 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     return summary
 
 
+def time_fixed_sizes(trainer, warmup: int, steps: int, device) -> dict:
+    """Mean step seconds of each chunk size of the trainer's curriculum alone: the same
+    process, graphs and optimizer, a fixed curriculum swapped in (warm-up steps first, then
+    ``steps`` timed with the same timer as the main run)."""
+    from cat_titan.train.curriculum import ChunkCurriculum
+    from cat_titan.train.metrics import time_steps
+
+    mixed, out = trainer.curriculum, {}
+    try:
+        for c in mixed.sizes:
+            trainer.curriculum = ChunkCurriculum([c], "fixed")
+            for _ in range(warmup):
+                last = trainer.train_step()
+            float(last["loss"])  # the device is idle when the timer starts, as in the main run
+            out[c] = time_steps(trainer.train_step, steps, device).wall / steps
+    finally:
+        trainer.curriculum = mixed
+    return out
+
+
+def compare_with_fixed(step_sizes: list[list[int]], random_step_s: float, fixed: dict, tokens_per_step: float,
+                       mfu_of) -> dict:
+    """The random curriculum's mean step against what its own draws cost at fixed sizes: a
+    step of micro-steps at sizes c_1..c_m is expected to take the mean of the fixed steps'
+    times (exact with one micro-step per step)."""
+    from collections import Counter
+
+    expected = statistics.mean(statistics.mean(fixed[c] for c in cs) for cs in step_sizes)
+    return {
+        "random_step_s": random_step_s, "fixed_step_s": expected, "overhead": random_step_s / expected - 1,
+        "draws": dict(sorted(Counter(c for cs in step_sizes for c in cs).items())),
+        "sizes": {c: {"step_s": t, "tokens_per_sec_per_device": tokens_per_step / t, "mfu": mfu_of(c)}
+                  for c, t in fixed.items()},
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -104,6 +143,10 @@ def main() -> int:
     p.add_argument("--anchor", choices=["torchtitan"], default=None,
                    help="then time torchtitan's Llama3 at the model's dense size (the CAT's decoder) in the same "
                         "process group (tools/torchtitan_anchor.py; torchtitan is an optional dependency)")
+    p.add_argument("--vs-fixed", action="store_true",
+                   help="adaptive CATs: then time each chunk size of the curriculum alone (same process, same "
+                        "number of steps) and compare the random curriculum's mean step with the same draws at "
+                        "fixed sizes (issue 8's 5%% target)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     if a.anchor:  # fail before any work when the optional dependency is missing
@@ -119,6 +162,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(a.config, [*a.overrides, f"job.run_dir={tmp}/run", "checkpoint.resume=never",
                                      "metrics.tensorboard=false", f"training.steps={a.steps + a.warmup}"])
+        if a.vs_fixed and cfg.model.args().kind != "cat_adaptive":
+            p.error(f"--vs-fixed compares an adaptive CAT's curriculum with its fixed chunk sizes, but "
+                    f"{a.config} builds a {cfg.model.args().kind!r} model; drop --vs-fixed or pass an adaptive config")
+        if a.vs_fixed:  # the schedule must cover the fixed-size runs too
+            cfg.training.steps += len(cfg.model.args().chunk_sizes) * (a.warmup + a.steps)
         device, _ = preflight(cfg)
         trainer = Trainer(cfg, device, None)
         t = cfg.training
@@ -137,9 +185,11 @@ def main() -> int:
                 out = trainer.train_step()
             float(out["loss"])
             wall, times, outs, lead = time_steps(trainer.train_step, a.steps, device)
-            sizes = [c for o in outs for c in o["chunk_sizes"] if c is not None]
+            step_sizes = [[c for c in o["chunk_sizes"] if c is not None] for o in outs]
+            sizes = [c for cs in step_sizes for c in cs]
             del outs
             breakdown = profile_steps(trainer, device, a.profile) if a.profile else None
+            fixed = time_fixed_sizes(trainer, a.warmup, a.steps, device) if a.vs_fixed else None
         world = trainer.pdims.world
         tokens_per_step = t.global_batch * cfg.data.seq_len
         stats = step_time_stats(wall, times, a.steps, lead)
@@ -160,6 +210,11 @@ def main() -> int:
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }
+        if fixed is not None:
+            row["vs_fixed"] = compare_with_fixed(step_sizes, mean_step, fixed, tokens_per_step / world,
+                                                 lambda c: mfu(tokens_per_step / fixed[c] / world,
+                                                               flops_per_token(trainer.model_args, cfg.data.seq_len, c),
+                                                               peak))
         is_main = trainer.is_main
         if is_main:
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
@@ -171,6 +226,14 @@ def main() -> int:
             if lead is not None:
                 print(f"  host ahead of the device at step ends: min {row['host_lead_s_min'] * 1e3:.1f} ms, median "
                       f"{row['host_lead_s_median'] * 1e3:.1f} ms (near 0: the device waits for the host)", flush=True)
+            if fixed is not None:
+                vs = row["vs_fixed"]
+                print("  fixed chunk sizes: " + ", ".join(
+                    f"{c}: {r['step_s'] * 1e3:.1f} ms ({r['tokens_per_sec_per_device']:,.0f} tokens/s, MFU "
+                    f"{percent(r['mfu'])})" for c, r in vs["sizes"].items()), flush=True)
+                print(f"  random curriculum {vs['random_step_s'] * 1e3:.1f} ms/step against {vs['fixed_step_s'] * 1e3:.1f} "
+                      f"for the same draws at fixed sizes: {vs['overhead']:+.1%} (draws: "
+                      + ", ".join(f"{c} x{n}" for c, n in vs["draws"].items()) + ")", flush=True)
             if breakdown:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "
                       f"{breakdown['kernel_ms_per_step']:.1f} ms (GPU busy {breakdown['gpu_busy_fraction']:.0%}): "
