@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import ModelArgs
 from .init import Initializer
+
+
+IGNORE_INDEX = -100  # label of positions the loss skips
 
 
 class ModelInputError(ValueError):
@@ -17,6 +21,11 @@ class ModelInputError(ValueError):
 
 class BaseModel(nn.Module):
     args: ModelArgs
+    # The token sequence of dense and hybrid stacks is right-padded to a multiple of this.
+    # parallelize sets it to the TP degree under sequence parallel, so every sequence shard
+    # is even: torch 2.11's DTensor linear fails on the uneven shards of other lengths
+    # ("view size is not compatible", reproduced on CPU; 2.13 pads them internally).
+    seq_pad_multiple: int = 1
 
     # -- inputs ------------------------------------------------------------------------------
     def resolve_chunk_size(self, chunk_size: Optional[int]) -> int:
@@ -46,6 +55,26 @@ class BaseModel(nn.Module):
                 raise ModelInputError(f"token ids must lie in [0, {self.args.padded_vocab_size}); got ids in "
                                       f"[{lo}, {hi}] (does the tokenizer match model.vocab_size="
                                       f"{self.args.vocab_size}?)")
+
+    def pad_sequence(self, tokens: Tensor, labels: Optional[Tensor], multiple: int,
+                     fallback: int = 1) -> tuple[Tensor, Optional[Tensor]]:
+        """Right-pad tokens (B, L) to a multiple of ``multiple`` (of ``fallback`` where that
+        would pass block_size, where the rope tables end), labels with IGNORE_INDEX. Causal
+        models only: trailing tokens cannot change earlier outputs, and ignored labels leave
+        the mean loss unchanged. Drop the extra outputs with ``unpad``."""
+        L = tokens.shape[1]
+        extra = -L % multiple
+        if L + extra > self.args.block_size:
+            extra = -L % fallback
+        if not extra:
+            return tokens, labels
+        tokens = F.pad(tokens, (0, extra), value=0)
+        return tokens, None if labels is None else F.pad(labels, (0, extra), value=IGNORE_INDEX)
+
+    @staticmethod
+    def unpad(out: Tensor, labels: Optional[Tensor], length: int) -> Tensor:
+        """The head's output for the first ``length`` positions (a loss needs nothing)."""
+        return out if labels is not None or out.shape[1] == length else out[:, :length]
 
     # -- buffers and weights -------------------------------------------------------------------
     def init_buffers(self) -> None:

@@ -11,11 +11,11 @@ Reference quirk kept for weight compatibility: the inner attention has heads of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import ModelArgs
@@ -102,8 +102,8 @@ class CatLayerTransformer(BaseModel):
         self.check_tokens(tokens)
         C = self.resolve_chunk_size(chunk_size)
         L0 = tokens.shape[1]
-        if L0 % C:  # causal model: trailing pad tokens cannot change earlier outputs
-            tokens = F.pad(tokens, (0, C - L0 % C), value=0)
+        # whole chunks for the CAT layers, even sequence shards under TP for the dense ones
+        tokens, labels = self.pad_sequence(tokens, labels, math.lcm(C, self.seq_pad_multiple), fallback=C)
         L = tokens.shape[1]
         x = self.tok_embeddings(tokens)  # (B, L, D)
         dense_rope = self.rope.first(L)
@@ -115,6 +115,4 @@ class CatLayerTransformer(BaseModel):
             cat_rope = self.cat_rope.gather(tables.rope_pos)
         for kind, layer in zip(self.kinds, self.layers):
             x = layer(x, cat_rope, ctx) if kind == "cat" else layer(x, dense_rope, None)
-        if x.shape[1] != L0:
-            x = x[:, :L0]
-        return self.head(x, labels)
+        return self.unpad(self.head(x, labels), labels, L0)  # (B, L0, V) or the loss

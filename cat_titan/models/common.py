@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import IGNORE_INDEX
+
 AttnMask = Union[None, str, Tensor, "BlockMask"]  # noqa: F821  None: causal; "full": no mask; else flex/SDPA mask
 
 
@@ -378,7 +380,7 @@ class OutputHead(nn.Module):
         self.output = nn.Linear(dim, vocab, bias=False)
         self.fused = fused
 
-    def forward(self, h: Tensor, labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    def forward(self, h: Tensor, labels: Optional[Tensor] = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
         h = self.norm(h)
         if labels is None:
             return self.output(h)  # (B, L, V)

@@ -27,8 +27,10 @@ class DenseTransformer(BaseModel):
     def forward(self, tokens: Tensor, labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
         self.check_tokens(tokens)
         self.resolve_chunk_size(chunk_size)
+        L0 = tokens.shape[1]
+        tokens, labels = self.pad_sequence(tokens, labels, self.seq_pad_multiple)
         x = self.tok_embeddings(tokens)  # (B, L, D)
         rope = self.rope.first(tokens.shape[1])
         for layer in self.layers:
             x = layer(x, rope, None)
-        return self.head(x, labels)
+        return self.unpad(self.head(x, labels), labels, L0)  # (B, L0, V) or the loss

@@ -17,8 +17,9 @@ and is a small share of the activations). The CAT decoder's sequence [K+1 prefix
 L tokens] need not divide tp, so CAT decoders are *padded*: ``decoder_pad_multiple`` is
 raised to a multiple of tp (pad positions attend only to themselves and their outputs are
 dropped: results are unchanged, and every training shard is even). Dense and hybrid
-stacks shard the token sequence as it comes; a length that tp does not divide (sampling)
-gives uneven shards, which DTensor's collectives pad internally.
+stacks right-pad their token sequence to a multiple of tp (``seq_pad_multiple``; causal,
+so the extra outputs are dropped and padded labels are ignored). Uneven shards, which torch
+2.13 handles, crash torch 2.11's DTensor linear (found running the CPU suite under 2.11).
 
 Loss parallel: under TP the head's logits are sharded by vocabulary; inside
 ``loss_parallel_context`` (the trainer wraps forward and backward in it) the cross-entropy
@@ -216,6 +217,8 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, compile_: bool, ac: st
         apply_tp(model, pdims.tp_mesh, sequence_parallel)
         if sequence_parallel and model.args.kind in ("cat", "cat_adaptive"):
             model.decoder_pad_multiple = math.lcm(model.decoder_pad_multiple, pdims.tp)
+        elif sequence_parallel:  # dense and hybrid token sequences (models/base.py)
+            model.seq_pad_multiple = math.lcm(model.seq_pad_multiple, pdims.tp)
     apply_ac(model, ac, ac_every)
     if compile_:
         apply_compile(model, dynamic=False if static_shapes(model, pdims.tp) else None)

@@ -125,6 +125,29 @@ def test_decoder_padding_does_not_change_outputs():
         torch.testing.assert_close(a(x, chunk_size=c), b(x, chunk_size=c), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["debug-dense", "debug-hybrid"])
+def test_sequence_padding_does_not_change_logits_or_loss(name):
+    """seq_pad_multiple (set to the TP degree under sequence parallel): the logits of the
+    real positions and the mean loss equal the unpadded model's; float32, atol 1e-5 (the
+    padded matmuls may block differently)."""
+    args = get_preset(name)
+    a = build_model(args, seed=0)
+    b = build_model(args, seed=0)
+    b.seq_pad_multiple = 12  # 61 -> 72 tokens (hybrid: lcm with the chunk size)
+    x = torch.randint(0, args.vocab_size, (2, 61))
+    y = torch.randint(0, args.vocab_size, (2, 61))
+    for c in args.chunk_sizes or (None,):
+        want = a(x, chunk_size=c)
+        got = b(x, chunk_size=c)
+        assert got.shape == want.shape == (2, 61, args.padded_vocab_size)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b(x, y, chunk_size=c), a(x, y, chunk_size=c), rtol=0, atol=1e-6)
+    # no room for the padding (block_size): the unpadded length (dense) or whole chunks (hybrid)
+    n = args.block_size - 1
+    x = torch.randint(0, args.vocab_size, (1, n))
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)
+
+
 def test_flex_equals_sdpa_forward_on_cpu():
     """FlexAttention (compiled, forward only on CPU) vs SDPA on the dense mask: same function."""
     for name in ["debug-cat-adaptive", "debug-hybrid"]:
