@@ -54,7 +54,7 @@ def test_vs_fixed_compares_the_random_draws_with_each_size_alone(tmp_path):
 def test_compare_with_fixed_averages_micro_steps_within_a_step():
     fixed = {4: 0.2, 8: 0.1}
     # step 1: micro-steps at 4 and 8 (curriculum.per=micro_step): expected 0.15; step 2: 8 alone
-    vs = compare_with_fixed([[4, 8], [8, 8]], 0.13, fixed, 1000.0, lambda c: None)
+    vs = compare_with_fixed([[4, 8], [8, 8]], 0.13, fixed, 1000.0)
     assert vs["fixed_step_s"] == pytest.approx(0.125)
     assert vs["overhead"] == pytest.approx(0.13 / 0.125 - 1)
     assert vs["draws"] == {4: 1, 8: 3}

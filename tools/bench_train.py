@@ -96,39 +96,45 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     return summary
 
 
+def warm_and_time(trainer, warmup: int, steps: int, device):
+    """``warmup`` untimed steps (compilation happens there), a sync so that the device is idle
+    when the timer starts, then ``steps`` timed steps (metrics.time_steps)."""
+    from cat_titan.train.metrics import time_steps
+
+    for _ in range(warmup):
+        trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time_steps(trainer.train_step, steps, device)
+
+
 def time_fixed_sizes(trainer, warmup: int, steps: int, device) -> dict:
     """Mean step seconds of each chunk size of the trainer's curriculum alone: the same
-    process, graphs and optimizer, a fixed curriculum swapped in (warm-up steps first, then
-    ``steps`` timed with the same timer as the main run)."""
+    process, graphs and optimizer, a fixed curriculum swapped in, timed as the main run."""
     from cat_titan.train.curriculum import ChunkCurriculum
-    from cat_titan.train.metrics import time_steps
 
     mixed, out = trainer.curriculum, {}
     try:
         for c in mixed.sizes:
             trainer.curriculum = ChunkCurriculum([c], "fixed")
-            for _ in range(warmup):
-                last = trainer.train_step()
-            float(last["loss"])  # the device is idle when the timer starts, as in the main run
-            out[c] = time_steps(trainer.train_step, steps, device).wall / steps
+            out[c] = warm_and_time(trainer, warmup, steps, device).wall / steps
     finally:
         trainer.curriculum = mixed
     return out
 
 
-def compare_with_fixed(step_sizes: list[list[int]], random_step_s: float, fixed: dict, tokens_per_step: float,
-                       mfu_of) -> dict:
+def compare_with_fixed(step_sizes: list[list[int]], random_step_s: float, fixed: dict,
+                       tokens_per_step: float) -> dict:
     """The random curriculum's mean step against what its own draws cost at fixed sizes: a
     step of micro-steps at sizes c_1..c_m is expected to take the mean of the fixed steps'
-    times (exact with one micro-step per step)."""
+    times (exact with one micro-step per step). tokens_per_step: per device."""
     from collections import Counter
 
     expected = statistics.mean(statistics.mean(fixed[c] for c in cs) for cs in step_sizes)
     return {
         "random_step_s": random_step_s, "fixed_step_s": expected, "overhead": random_step_s / expected - 1,
         "draws": dict(sorted(Counter(c for cs in step_sizes for c in cs).items())),
-        "sizes": {c: {"step_s": t, "tokens_per_sec_per_device": tokens_per_step / t, "mfu": mfu_of(c)}
-                  for c, t in fixed.items()},
+        "sizes": {c: {"step_s": t, "tokens_per_sec_per_device": tokens_per_step / t} for c, t in fixed.items()},
     }
 
 
@@ -156,17 +162,18 @@ def main() -> int:
 
     from cat_titan.config import load_config
     from cat_titan.models.registry import flops_per_token
-    from cat_titan.train.metrics import mfu, peak_flops, percent, step_time_stats, time_steps
+    from cat_titan.train.metrics import mfu, peak_flops, percent, step_time_stats
     from cat_titan.train.trainer import Trainer, preflight
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(a.config, [*a.overrides, f"job.run_dir={tmp}/run", "checkpoint.resume=never",
                                      "metrics.tensorboard=false", f"training.steps={a.steps + a.warmup}"])
-        if a.vs_fixed and cfg.model.args().kind != "cat_adaptive":
-            p.error(f"--vs-fixed compares an adaptive CAT's curriculum with its fixed chunk sizes, but "
-                    f"{a.config} builds a {cfg.model.args().kind!r} model; drop --vs-fixed or pass an adaptive config")
-        if a.vs_fixed:  # the schedule must cover the fixed-size runs too
-            cfg.training.steps += len(cfg.model.args().chunk_sizes) * (a.warmup + a.steps)
+        if a.vs_fixed:
+            margs = cfg.model.args()
+            if margs.kind != "cat_adaptive":
+                p.error(f"--vs-fixed compares an adaptive CAT's curriculum with its fixed chunk sizes, but "
+                        f"{a.config} builds a {margs.kind!r} model; drop --vs-fixed or pass an adaptive config")
+            cfg.training.steps += len(margs.chunk_sizes) * (a.warmup + a.steps)  # the schedule covers them too
         device, _ = preflight(cfg)
         trainer = Trainer(cfg, device, None)
         t = cfg.training
@@ -181,10 +188,7 @@ def main() -> int:
             trainer.optimizer.zero_grad(set_to_none=True)
         cuda = device.type == "cuda"
         with trainer.gc:  # as in Trainer.run
-            for _ in range(a.warmup):
-                out = trainer.train_step()
-            float(out["loss"])
-            wall, times, outs, lead = time_steps(trainer.train_step, a.steps, device)
+            wall, times, outs, lead = warm_and_time(trainer, a.warmup, a.steps, device)
             step_sizes = [[c for c in o["chunk_sizes"] if c is not None] for o in outs]
             sizes = [c for cs in step_sizes for c in cs]
             del outs
@@ -211,10 +215,10 @@ def main() -> int:
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
         }
         if fixed is not None:
-            row["vs_fixed"] = compare_with_fixed(step_sizes, mean_step, fixed, tokens_per_step / world,
-                                                 lambda c: mfu(tokens_per_step / fixed[c] / world,
-                                                               flops_per_token(trainer.model_args, cfg.data.seq_len, c),
-                                                               peak))
+            row["vs_fixed"] = compare_with_fixed(step_sizes, mean_step, fixed, tokens_per_step / world)
+            for c, r in row["vs_fixed"]["sizes"].items():
+                r["mfu"] = mfu(r["tokens_per_sec_per_device"], flops_per_token(trainer.model_args, cfg.data.seq_len, c),
+                               peak)
         is_main = trainer.is_main
         if is_main:
             mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "n/a"
@@ -249,7 +253,7 @@ def main() -> int:
                                        kv_heads=args.n_kv_heads, vocab=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
                                        local_batch=t.micro_batch, steps=a.steps, warmup=a.warmup,
                                        compile=t.compile, seed=t.seed)
-            del trainer, out  # free our model, optimizer state and activations first
+            del trainer  # free our model, optimizer state and activations first
             if cuda:
                 torch.cuda.empty_cache()
             row["anchor"] = anchor.run_anchor(acfg, device)

@@ -132,8 +132,7 @@ class CAT(BaseModel):
         self.check_tokens(tokens)
         C = self.resolve_chunk_size(chunk_size)
         L0 = tokens.shape[1]
-        if L0 % C:  # pad with token 0 to whole chunks; the extra outputs are dropped below
-            tokens = F.pad(tokens, (0, C - L0 % C), value=0)
+        tokens, labels = self.pad_sequence(tokens, labels, C, fallback=C)  # whole chunks
         x, layout = self.decoder_inputs(tokens, C)
         tables = layout.tables(x.device)
         rope = self.rope.gather(tables.rope_pos)
@@ -141,9 +140,7 @@ class CAT(BaseModel):
         for layer in self.layers:
             x = layer(x, rope, mask)  # (B, S, D)
         h = x.index_select(1, tables.out_index)  # (B, L, D): one output per input token
-        if h.shape[1] != L0:
-            h = h[:, :L0]
-        return self.head(h, labels)
+        return self.unpad(self.head(h, labels), labels, L0)  # (B, L0, V) or the loss
 
     def _init_params(self, init) -> None:
         std, _ = init_stds(self.args.dim, self.args.n_layers)
