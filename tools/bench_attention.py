@@ -14,10 +14,12 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
+    python tools/bench_attention.py --decode-linear  # decode_linear's settings vs the unfused ops
     python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -321,6 +323,71 @@ def decode_gemm_rows(device, batch: int = 64) -> list[dict]:
     return rows
 
 
+# cat-150m's decode linears as decode_linear fuses them: (name, K, N, norm, residual, swiglu)
+DECODE_LINEARS = [("norm + wqkv", 1536, 4608, True, False, False), ("wo + residual", 1536, 1536, False, True, False),
+                  ("norm + w1|w3 + swiglu", 1536, 4096, True, False, True),
+                  ("w2 + residual", 4096, 1536, False, True, False), ("norm + head", 1536, 32000, True, False, False)]
+
+
+def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) -> list[dict]:
+    """decode_linear (cat_titan.infer.decode_linear) at each tile / split / warp / stage
+    setting against the unfused ops it replaces (compiled by inductor: cuBLAS GEMM plus its
+    pointwise kernels), M = batch rows, bf16. Each timing cycles through copies of the weight
+    totalling cycle_bytes (twice the 60 MB L2), as a decode step streams every weight from HBM
+    once."""
+    from cat_titan.infer.decode_linear import (_decode_linear_kernel, launch_decode_linear, linear_config,
+                                               make_locks, reference_decode_linear)
+    from cat_titan.models.common import RMSNorm
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    locks = make_locks(device)
+    rows = []
+    for name, K, N, norm_on, resid, swiglu in DECODE_LINEARS:
+        rows_w = (2 if swiglu else 1) * N
+        copies = max(2, -(-cycle_bytes // (rows_w * K * 2)))
+        ws = [torch.randn(rows_w, K, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(batch, K, device=device, dtype=torch.bfloat16)
+        res = torch.randn(batch, N, device=device, dtype=torch.bfloat16) if resid else None
+        norm = RMSNorm(K).to(device, torch.bfloat16).requires_grad_(False) if norm_on else None
+        g = None if norm is None else norm.weight
+        unfused = torch.compile(reference_decode_linear, dynamic=False)
+        weight_bytes = rows_w * K * 2
+
+        def row(label, fn, **extra):
+            us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
+            r = {"linear": name, "M": batch, "K": K, "N": N, "variant": label, **extra, "us": us,
+                 "weight_TBps": weight_bytes / us / 1e6}
+            rows.append(r)
+            return r
+
+        base = row("unfused (inductor + cuBLAS)", lambda w: unfused(x, w, norm, res, swiglu))
+        ref = reference_decode_linear(x.float(), ws[0].float(), None if norm is None else copy.deepcopy(norm).float(),
+                                      None if res is None else res.float(), swiglu)
+        default = linear_config(batch, N, K, swiglu, sms)
+        print(json.dumps(base), json.dumps({"default_config": default}), flush=True)
+        for BN in (16, 32, 64, 128):
+            for BK in (64, 128):
+                for split in (1, 2, 4):
+                    for warps, stages in ((4, 3), (8, 3)):
+                        cfg = dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                        if split > 1 and K // split < BK:
+                            continue
+                        try:
+                            out = launch_decode_linear(_decode_linear_kernel, x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
+                            r = row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks,
+                                                                            1e-5, swiglu, cfg), **cfg,
+                                    default=cfg == default,
+                                    max_err_vs_fp32=float((out.float() - ref).abs().max()))
+                        except Exception as e:  # e.g. out of shared memory or registers
+                            rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
+        fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
+        best = min(fused, key=lambda r: r["us"])
+        dflt = next((r for r in fused if r.get("default")), None)
+        print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
+              flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -334,6 +401,9 @@ def main() -> int:
                    help="only time the decode kernel's tile/warp/stage settings on generation's shapes")
     p.add_argument("--decode-gemms", action="store_true",
                    help="only time the decode step's matmuls (cuBLAS vs max-autotune) at batch 64")
+    p.add_argument("--decode-linear", action="store_true",
+                   help="only time decode_linear's settings against the unfused ops, at --decode-batch rows")
+    p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-linear (64)")
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
     p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs")
@@ -352,6 +422,11 @@ def main() -> int:
     if a.compressor:  # B*K chunks of prefix + C positions, compressor heads = decoder heads / 2
         out = {"compressor": [r for C, pre in ((8, 1), (4, 2), (8, 2), (16, 2), (32, 2))
                               for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
+        return 0
+    if a.decode_linear:
+        out = {"decode_linear": decode_linear_rows(dev, a.decode_batch)}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
         return 0

@@ -69,7 +69,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
-                      attend_bucket=a.attend_bucket)
+                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
                         "by the runner (no per-step guards; cat_titan.infer.runners)")
     p.add_argument("--autotune", action="store_true",
                    help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
+                        "(cat_titan.infer.decode_linear; CUDA)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
-          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), "
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -52,6 +52,9 @@ class SpeedConfig:
     step variant (``Runner.compile_step(mode='graphs')``, CUDA only)."""
     autotune: bool = False
     """With compile: inductor's max-autotune for the step's matmuls (``Runner.compile_step``)."""
+    fused_linear: bool = False
+    """Each block's linears with their norm, SwiGLU and residual as ``decode_linear`` kernels
+    (``Runner.fuse_linears``; CUDA, else the same ops unfused)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -102,6 +105,8 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     """A runner for ``cfg``'s batch and length, compiled as ``cfg`` says."""
     runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size),
                          attend_bucket=cfg.attend_bucket)
+    if cfg.fused_linear:
+        runner.fuse_linears()
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
         runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune)
@@ -153,7 +158,8 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 attend_bucket=getattr(runner, "attend_bucket", None),
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-                graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune, seconds=sec,
+                graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
+                fused_linear=cfg.fused_linear, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.common import Attention, apply_rope, attend
+from ..models.common import Attention, RMSNorm, apply_rope, attend
 from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
+from .decode_linear import decode_linear, make_locks
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,9 +66,14 @@ def project_qkv(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[T
     cos/sin are (S, n) for a shared layout or (B, 1, S, n) for per-row positions.
     The plain RoPE is used even where the model would call liger's (same function).
     """
-    B, S, _ = x.shape
+    return split_qkv(attn, attn.wqkv(x), cos, sin)
+
+
+def split_qkv(attn: Attention, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``project_qkv`` after the projection: qkv (B, S, (Hq + 2 Hkv) * hd) -> q, k, v."""
+    B, S, _ = qkv.shape
     hd, g = attn.head_dim, attn.group
-    qkv = attn.wqkv(x).view(B, S, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
+    qkv = qkv.view(B, S, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
     q, k, v = qkv.split([g * hd, hd, hd], dim=-1)
     q = q.reshape(B, S, -1, hd)  # (B, S, Hq, hd)
     if attn.q_norm is not None:
@@ -91,6 +97,21 @@ def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Ten
     if gate_up is None:
         return h + ff(u)
     return h + ff.gated(*F.linear(u, gate_up).chunk(2, dim=-1))  # (B, S, 2F) -> 2 x (B, S, F)
+
+
+def fused_block_forward(layer: nn.Module, x: Tensor, attend_qkv: Callable[[Tensor], Tensor], gate_up: Tensor,
+                        locks: Tensor) -> Tensor:
+    """``block_forward`` as four ``decode_linear`` kernels around the attention: norm + wqkv,
+    wo + residual, norm + w1|w3 + SwiGLU, w2 + residual. x (B, T, D) -> (B, T, D);
+    attend_qkv: the projection (B, T, (Hq + 2 Hkv) * hd) -> attention heads (B, Hq, T, hd)."""
+    B, T, D = x.shape
+    attn, ff = layer.attention, layer.feed_forward
+    x2 = x.reshape(B * T, D)
+    qkv = decode_linear(x2, attn.wqkv.weight, locks, norm=layer.attention_norm)  # (BT, (Hq+2Hkv)*hd)
+    y = attend_qkv(qkv.view(B, T, -1)).transpose(1, 2).reshape(B * T, -1)  # (B, Hq, T, hd) -> (BT, Hq*hd)
+    h = decode_linear(y, attn.wo.weight, locks, residual=x2)  # (BT, D)
+    u = decode_linear(h, gate_up, locks, norm=layer.ffn_norm, swiglu=True)  # (BT, F)
+    return decode_linear(u, ff.w2.weight, locks, residual=h).view(B, T, D)
 
 
 _GATE_UP = "_cat_titan_gate_up"
@@ -146,13 +167,19 @@ class KVCache(nn.Module):
         cols (B, T) first, then query (b, t) attends to columns [0, lengths[b, t]) (its own
         column included, so queries of one step see each other as their lengths say).
         n_cols: the cache's first n_cols columns only (every length lies within)."""
-        q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
+        return attn_output(attn, self.attend_qkv(attn, attn.wqkv(x), cos, sin, cols, lengths, n_cols))
+
+    def attend_qkv(self, attn: Attention, qkv: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, lengths: Tensor,
+                   n_cols: Optional[int] = None) -> Tensor:
+        """``attend`` from the projection qkv (B, T, (Hq + 2 Hkv) * hd) to the attention
+        heads (B, Hq, T, hd), before ``wo``."""
+        q, k, v = split_qkv(attn, qkv, cos, sin)  # (B, H, T, hd)
         rows = _rows(cols)
         # In place under torch.compile too (index_put_, see the module docstring).
         self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
         self.v[rows, :, cols] = v.transpose(1, 2)
         keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
-        return attn_output(attn, decode_attention(q, keys, values, lengths))  # (B, Hq, T, hd) -> (B, T, D)
+        return decode_attention(q, keys, values, lengths)  # (B, Hq, T, hd)
 
     @property
     def columns(self) -> int:
@@ -238,6 +265,10 @@ class Runner(nn.Module):
         self._graph_pool = None
         # Per layer, the feed-forward's fused w1|w3 weight (fuse_weights; compile_step on CUDA).
         self._gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
+        # Per layer, whether its block runs as decode_linear kernels (fuse_linears); the
+        # kernels' split-K counters are the ``locks`` buffer, registered then.
+        self._fused: list[bool] = [False] * len(model.layers)
+        self.fused_head = False
 
     def fuse_weights(self) -> None:
         """Run each feed-forward's w1 and w3 as one GEMM in the decode step (``fuse_gate_up``;
@@ -254,8 +285,39 @@ class Runner(nn.Module):
         new = [fuse_gate_up(layer.feed_forward) for layer in self.model.layers]
         if any(a is not b for a, b in zip(new, self._gate_up)):
             self._gate_up[:] = new  # same list object: compiled steps read its entries
+            # a layer whose weights stopped being fusable (made DTensors) leaves the fused path
+            self._fused[:] = [f and g is not None for f, g in zip(self._fused, new)]
             if self._graphs:
                 self._graphs.clear()
+
+    def fuse_linears(self) -> list[bool]:
+        """Run each decode step's linears as ``decode_linear`` kernels (CUDA): per block, norm +
+        wqkv, wo + residual, norm + w1|w3 + SwiGLU, w2 + residual; and norm + head. For blocks
+        of plain attention (no q/k norm) and SwiGLU weights that ``fuse_gate_up`` can fuse; the
+        others keep the unfused ops. Off CUDA the same code runs the model's modules. Returns
+        which layers are fused. Call before ``compile_step``."""
+        self.fuse_weights()
+        if "locks" not in self._buffers:
+            p = next(self.model.parameters())
+            self.register_buffer("locks", make_locks(p.device), persistent=False)
+        self._fused[:] = [self._fusable(layer) and g is not None
+                          for layer, g in zip(self.model.layers, self._gate_up)]
+        self.fused_head = True
+        if self._graphs:
+            self._graphs.clear()
+        return list(self._fused)
+
+    @staticmethod
+    def _fusable(layer: nn.Module) -> bool:
+        attn = layer.attention
+        return type(attn) is Attention and attn.q_norm is None
+
+    def _block(self, i: int, layer: nn.Module, x: Tensor, attend_qkv: Callable[[Tensor], Tensor],
+               attention: Callable[[Tensor], Tensor]) -> Tensor:
+        """Layer i of a decode step, fused (``fuse_linears``) or as the model's ops."""
+        if self._fused[i]:
+            return fused_block_forward(layer, x, attend_qkv, self._gate_up[i], self.locks)
+        return block_forward(layer, x, attention, self._gate_up[i])
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
     # pos) to choose the traced variant without a device sync.
@@ -349,7 +411,10 @@ class Runner(nn.Module):
 
     def _head(self, h: Tensor) -> Tensor:
         """Output head on one position per row: (B, D) -> (B, V)."""
-        return self.model.head(h[:, None])[:, 0]
+        head = self.model.head
+        if self.fused_head and type(head.norm) is RMSNorm:
+            return decode_linear(h, head.output.weight, self.locks, norm=head.norm)
+        return head(h[:, None])[:, 0]
 
 
 class CatRunner(Runner):
@@ -464,9 +529,10 @@ class CatRunner(Runner):
                             torch.where(done, 1, 0), torch.where(done, col + 2, 1)))
         x, col, rope, lengths = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
         cos, sin = _rope_at(m.rope, rope)
-        for layer, cache, gate_up in zip(m.layers, self.kv, self._gate_up):
-            x = block_forward(layer, x, lambda u, layer=layer, cache=cache:
-                              cache.attend(layer.attention, u, cos, sin, col, lengths), gate_up)
+        for i, (layer, cache) in enumerate(zip(m.layers, self.kv)):
+            x = self._block(i, layer, x,
+                            lambda qkv, a=layer.attention, cache=cache: cache.attend_qkv(a, qkv, cos, sin, col, lengths),
+                            lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths))
         if x.shape[1] == 1:
             return self._head(x[:, 0])
         # adaptive with completions: the sep query predicts for completing rows
@@ -574,6 +640,9 @@ class StackRunner(Runner):
             hidden_rows, hidden_phase = _rows(pos), (pos % self.chunk_size)[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
+                def attend_qkv(qkv, layer=layer, cache=cache):
+                    return cache.attend_qkv(layer.attention, qkv, dense_cos, dense_sin, dense_col, dense_len, n_dense)
+
                 def attention(u, layer=layer, cache=cache):
                     return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)
             else:
@@ -586,7 +655,8 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-            x = block_forward(layer, x, attention, self._gate_up[i])
+                attend_qkv = None  # CAT layers are not fused (_fusable)
+            x = self._block(i, layer, x, attend_qkv, attention)
         return self._head(x[:, 0])
 
 

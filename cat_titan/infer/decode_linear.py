@@ -1,0 +1,233 @@
+"""One kernel per linear of a decode step: the RMSNorm before it, the matmul, and what comes
+after it (SwiGLU, the residual add).
+
+A decode step multiplies a few rows (the batch) by each weight. On an H200 at batch 64 each
+cuBLAS GEMM takes 4-7 us however small its weight, and the norms, the SwiGLU product and the
+residual adds between the GEMMs are kernels of their own (docs/benchmarks.md, session 4:
+~60% of a CAT-32 step in 49 GEMMs, ~90 us in pointwise kernels, 132-149 kernels per step).
+Here each linear of a block is one kernel:
+
+    decode_linear(x, w, norm=None, residual=None, swiglu=False)
+        x (M, K), w (N, K) -> (M, N)
+        norm: an RMSNorm over K applied to x first
+        swiglu: w is (2F, K) = [w1 | w3]; returns silu(x w1^T) * (x w3^T), (M, F)
+        residual (M, N): returns residual + the result
+
+The norm costs no extra pass: RMSNorm(x) w^T = r * ((x * g) w^T) with the row scalar
+r = rsqrt(mean(x^2) + eps), whose sum of squares accumulates while the matmul streams x.
+Everything after the matmul is computed in fp32 and rounded once (the unfused path rounds
+after the GEMM and after each pointwise op: results agree to bf16 rounding, not bitwise).
+
+Split-K: with fewer output tiles than SMs (wo and w2 at batch 64: N = 1536) each tile's K
+range is split over SPLIT_K programs. Each stores its fp32 partial in a workspace and bumps
+the tile's counter in ``locks``; the last to arrive sums the partials in split order (the
+result does not depend on which program came last), applies the epilogue, and resets the
+counter to 0, so one zeroed ``locks`` buffer serves every call on a stream.
+
+Off CUDA (and for shapes the kernel does not take) the same function runs the model's own
+modules (``reference_decode_linear``), so a CPU runner computes exactly what the unfused
+step does. tests/infer/test_decode_linear.py checks the kernel against it in Triton's
+interpreter (float32) for every epilogue and split, and inside a generation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs without triton
+    triton = None
+
+LOCKS = 1024  # tile counters per runner: split-K is used only with fewer tiles than SMs
+
+
+def reference_decode_linear(x: Tensor, w: Tensor, norm: Optional[nn.Module] = None,
+                            residual: Optional[Tensor] = None, swiglu: bool = False) -> Tensor:
+    """The definition, with the model's own norm module: what the unfused decode step computes."""
+    if norm is not None:
+        x = norm(x)
+    y = F.linear(x, w)
+    if swiglu:
+        a, b = y.chunk(2, dim=-1)  # (M, 2F) -> 2 x (M, F)
+        y = F.silu(a) * b
+    return y if residual is None else residual + y
+
+
+def kernel_supports(x: Tensor, w: Tensor, norm: Optional[nn.Module]) -> bool:
+    """2-D tensors of one float dtype. Not checked here: plain tensors, not DTensors (the
+    runners enable the fused path only where ``fuse_gate_up`` found plain weights)."""
+    if triton is None or x.dim() != 2 or w.dim() != 2:
+        return False
+    if norm is not None and norm.weight.dtype != x.dtype:
+        return False  # e.g. an fp32 norm weight in a bf16 model: the module's own casts
+    return x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def use_kernel(x: Tensor) -> bool:
+    """Where the kernel runs: CUDA tensors (tests route CPU tensors through Triton's interpreter)."""
+    return x.is_cuda
+
+
+def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[nn.Module] = None,
+                  residual: Optional[Tensor] = None, swiglu: bool = False) -> Tensor:
+    """See the module docstring. locks: a zeroed int32 buffer of ``LOCKS`` counters on x's
+    device (``make_locks``), owned by the caller and used only by its stream."""
+    if locks is not None and use_kernel(x) and kernel_supports(x, w, norm):
+        g = None if norm is None else norm.weight
+        eps = 0.0 if norm is None else float(norm.eps)
+        return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu)
+    return reference_decode_linear(x, w, norm, residual, swiglu)
+
+
+def make_locks(device) -> Tensor:
+    return torch.zeros(LOCKS, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def linear_config(M: int, N: int, K: int, swiglu: bool, sms: int) -> dict:
+    """Tiles and split for an (M, K) x (K, N) decode matmul: 16-64 rows per tile (the batch
+    is small), 32 output columns (64 weight rows with swiglu), 128-wide K steps, and a K split
+    that brings the programs up to about one per SM. Not yet tuned on a GPU:
+    ``tools/bench_attention.py --decode-linear`` times the alternatives."""
+    BM = max(16, min(64, triton.next_power_of_2(M)))
+    BN, BK = 32, 128
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    split = max(1, min(sms // tiles, K // (2 * BK), 8))
+    return dict(BM=BM, BN=BN, BK=BK, SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(acc, x, w, IEEE: tl.constexpr):
+        """acc + x (BM, BK) @ w (BN, BK)^T in fp32."""
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
+    def _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS: tl.constexpr,
+                  NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr):
+        """Full-K accumulators (BM, BN) -> the norm's row scale, SwiGLU, residual; one rounding."""
+        if NORM:
+            r = 1.0 / tl.sqrt(ss / K + EPS)  # (BM,)
+            acc = acc * r[:, None]
+            acc3 = acc3 * r[:, None]
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc3  # silu(a) * b
+        mask = m_ok[:, None] & n_ok[None, :]
+        if RESID:
+            acc += tl.load(Res + rm[:, None] * srm + rn[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + rm[:, None] * som + rn[None, :] * son, acc.to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks,
+                              M, N, K, K_SPLIT,
+                              sxm, sxk, swn, swk, srm, srn, som, son,
+                              EPS: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
+                              SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              IEEE: tl.constexpr):
+        pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_tiles = tl.num_programs(0)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros([BM, BN], tl.float32)
+        acc3 = tl.zeros([BM, BN], tl.float32)  # w3's half (SWIGLU only; dead code otherwise)
+        ss = tl.zeros([BM], tl.float32)  # sum of x^2 over this program's K range (NORM)
+        k_lo = pid_s * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_ok = rk < k_hi
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+                x = (xf * g[None, :]).to(W.dtype.element_ty)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)  # (BN, BK)
+            acc = _dot(acc, x, w, IEEE)
+            if SWIGLU:  # rows N.. 2N of W: w3, for the same output columns
+                w3 = tl.load(W + (rn + N)[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)
+                acc3 = _dot(acc3, x, w3, IEEE)
+        if SPLIT_K == 1:
+            _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS, NORM, RESID, SWIGLU)
+        else:
+            # Work: (SPLIT_K, 2 if SWIGLU else 1, M, N) fp32; SSWork: (SPLIT_K, n_tiles, M) fp32
+            NACC: tl.constexpr = 2 if SWIGLU else 1
+            mask = m_ok[:, None] & n_ok[None, :]
+            part = Work + pid_s * NACC * M * N + rm[:, None] * N + rn[None, :]
+            tl.store(part, acc, mask=mask)
+            if SWIGLU:
+                tl.store(part + M * N, acc3, mask=mask)
+            if NORM:
+                tl.store(SSWork + (pid_s * n_tiles + pid_n) * M + rm, ss, mask=m_ok)
+            tl.debug_barrier()  # every thread's partial is written before the counter moves
+            tile = pid_m * n_tiles + pid_n
+            arrived = tl.atomic_add(Locks + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last program of this tile sums the partials
+                acc = tl.zeros([BM, BN], tl.float32)
+                acc3 = tl.zeros([BM, BN], tl.float32)
+                ss = tl.zeros([BM], tl.float32)
+                for s in tl.static_range(SPLIT_K):  # split order: deterministic
+                    src = Work + s * NACC * M * N + rm[:, None] * N + rn[None, :]
+                    acc += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        acc3 += tl.load(src + M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                    if NORM:
+                        ss += tl.load(SSWork + (s * n_tiles + pid_n) * M + rm, mask=m_ok, other=0.0,
+                                      cache_modifier=".cg")
+                _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS,
+                          NORM, RESID, SWIGLU)
+                tl.atomic_xchg(Locks + tile, 0)  # ready for the next call
+
+    def launch_decode_linear(kernel, x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
+                             locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None) -> Tensor:
+        """Run ``kernel`` (``_decode_linear_kernel``, or it wrapped for torch.compile);
+        config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, num_warps, num_stages."""
+        M, K = x.shape
+        N = w.shape[0] // 2 if swiglu else w.shape[0]
+        sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
+        cfg = dict(linear_config(M, N, K, swiglu, sms), **(config or {}))
+        BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
+        k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each split: whole BK steps
+        split = triton.cdiv(K, k_split)
+        grid = (triton.cdiv(N, BN), split, triton.cdiv(M, BM))
+        if split > 1 and grid[0] * grid[2] > locks.numel():
+            raise ValueError(f"decode_linear: {grid[0] * grid[2]} tiles need as many counters; locks has "
+                             f"{locks.numel()} (use fewer tiles with split-K, or a larger locks buffer)")
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        if split > 1:
+            work = torch.empty((split, 2 if swiglu else 1, M, N), dtype=torch.float32, device=x.device)
+            ss_work = torch.empty((split, grid[0], M), dtype=torch.float32, device=x.device)
+        else:  # unused
+            work = ss_work = out
+        res = residual if residual is not None else out
+        kernel[grid](
+            x, w, g if g is not None else x, res, out, work, ss_work, locks,
+            M, N, K, k_split,
+            *x.stride(), *w.stride(), *res.stride(), *out.stride(),
+            # a constexpr: a float argument arrives as fp64 through torch.compile
+            EPS=eps, NORM=g is not None, RESID=residual is not None, SWIGLU=swiglu, SPLIT_K=split,
+            BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
+
+    @torch.library.triton_op("cat_titan::decode_linear", mutates_args={"locks"})
+    def _decode_linear_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
+                          locks: Tensor, eps: float, swiglu: bool) -> Tensor:
+        return launch_decode_linear(torch.library.wrap_triton(_decode_linear_kernel), x, w, g, residual,
+                                    locks, eps, swiglu)

@@ -1,0 +1,260 @@
+"""decode_linear: norm + matmul + SwiGLU / residual in one kernel equals the model's ops.
+
+On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set before the
+kernel is defined, hence subprocesses), float32:
+* the kernel alone against ``reference_decode_linear`` (the model's RMSNorm, F.linear,
+  SwiGLU, add) for every combination of norm / residual / SwiGLU, ragged shapes, and K split
+  over 1-3 programs; tolerance 2e-5 (fp32 sums in another order, outputs of order 1-10), and
+  the split-K counters must be back at zero after each call;
+* generation with every fusable block and the head on the kernel (interpreted) against
+  greedy decoding by full forward passes: same tokens, logits to 1e-4 (as test_generate.py),
+  once with the default tiles and once (two of the models) with a forced 2-way K split.
+On CPU without the interpreter the fused runner computes exactly what the unfused one does
+(same modules). On CUDA: test_generate_cuda.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cat_titan.infer import generate, make_runner, stream
+from cat_titan.infer.decode_linear import triton
+
+from .util import debug_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KERNEL_CHECK = textwrap.dedent("""
+    import itertools, json, torch
+    from cat_titan.infer.decode_linear import (launch_decode_linear, _decode_linear_kernel, make_locks,
+                                               reference_decode_linear)
+    from cat_titan.models.common import RMSNorm
+    torch.manual_seed(0)
+    rows = []
+    # (M, N, K): ragged in every dimension, one tile-aligned
+    for M, N, K in [(5, 40, 100), (64, 96, 256), (17, 33, 300)]:
+        for norm_on, resid, swiglu in itertools.product([False, True], repeat=3):
+            x = torch.randn(M, K)
+            w = torch.randn((2 if swiglu else 1) * N, K) / K ** 0.5
+            norm = None
+            if norm_on:
+                norm = RMSNorm(K, 1e-5).requires_grad_(False)
+                norm.weight.copy_(torch.rand(K) + 0.5)
+            res = torch.randn(M, N) if resid else None
+            want = reference_decode_linear(x, w, norm, res, swiglu)
+            locks = make_locks("cpu")
+            for cfg in (dict(SPLIT_K=1, BM=16, BN=16, BK=32), dict(SPLIT_K=3, BM=16, BN=32, BK=32),
+                        dict(SPLIT_K=2, BM=64, BN=16, BK=64)):
+                g = None if norm is None else norm.weight
+                out = launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks, 1e-5, swiglu, cfg)
+                rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, split=cfg["SPLIT_K"],
+                                 out_shape=list(out.shape), err=(out - want).abs().max().item(),
+                                 scale=want.abs().max().item(), locks=int(locks.abs().sum())))
+    print(json.dumps(rows))
+""")
+
+GENERATION_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import cat_titan.infer.decode_linear as dl
+    from cat_titan.infer import make_runner, stream
+    from tests.infer.util import perturbed, greedy_by_full_forward
+
+    dl.use_kernel = lambda x: True  # CPU tensors through the interpreted kernel
+    launches = [0]
+    launch = dl.launch_decode_linear
+    def counted(*args, **kw):
+        launches[0] += 1
+        return launch(*args, **kw)
+    dl.launch_decode_linear = counted
+    cases = [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None), ("debug-hybrid", None)]
+    if sys.argv[1] == "split":  # every matmul's K range over two programs (slower: two models)
+        dl.linear_config = lambda M, N, K, swiglu, sms: dict(BM=16, BN=32, BK=32, SPLIT_K=2, num_warps=4,
+                                                             num_stages=1)
+        cases = cases[:2]
+    out = []
+    for name, chunk in cases:
+        model = perturbed(name)
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 11, 16)]
+        runner = make_runner(model, len(prompts), 16 + 12, chunk or model.args.chunk_size)
+        fused = runner.fuse_linears()
+        launches[0] = 0
+        steps = list(stream(model, prompts, 12, chunk_size=chunk, runner=runner))
+        tokens = torch.stack([s.tokens for s in steps], 1)
+        logits = torch.stack([s.logits for s in steps], 1)
+        res = dict(name=name, fused=fused, launches=launches[0], rows=[])
+        for b, p in enumerate(prompts):
+            want, want_logits = greedy_by_full_forward(model, p, 12, chunk)
+            res["rows"].append(dict(same_tokens=tokens[b].tolist() == want,
+                                    err=(logits[b] - want_logits).abs().max().item()))
+        out.append(res)
+    print(json.dumps(out))
+""")
+
+
+def _interpretable() -> tuple[bool, str]:
+    if triton is None:
+        return False, "triton is not installed: the kernel cannot be interpreted"
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 9):  # as test_decode_attention.py: 3.6's interpreter fails on runtime loop bounds
+        return False, f"triton {triton.__version__}'s interpreter is not supported here (needs >= 3.9)"
+    return True, ""
+
+
+INTERPRETABLE, WHY_NOT = _interpretable()
+
+
+def _run(code: str, *args: str) -> list:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
+def test_kernel_in_interpreter_equals_reference():
+    rows = _run(KERNEL_CHECK)
+    assert len(rows) == 3 * 8 * 3
+    for r in rows:
+        M, N, K = r["shape"]
+        assert r["out_shape"] == [M, N], r
+        assert r["err"] <= 2e-5 * max(1.0, r["scale"]), r
+        assert r["locks"] == 0, r  # every split-K tile reset its counter
+
+
+@pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
+@pytest.mark.parametrize("tiles", ["default", "split"])
+def test_generation_with_interpreted_kernels_equals_full_forward(tiles):
+    results = _run(GENERATION_CHECK, tiles)
+    by_name = {r["name"]: r for r in results}
+    assert len(results) == (4 if tiles == "default" else 2)
+    if "debug-hybrid" in by_name:  # CAT layers of the hybrid keep the model's ops; every other block is fused
+        assert by_name["debug-hybrid"]["fused"] == [False, False, True]
+    for r in results:
+        n_fused = sum(r["fused"])
+        assert all(r["fused"]) or r["name"] == "debug-hybrid", r
+        # 12 steps: 4 kernels per fused block + the head (the prefill is not fused)
+        assert r["launches"] >= 11 * (4 * n_fused + 1), r
+        for row in r["rows"]:
+            assert row["same_tokens"], r
+            assert row["err"] <= 1e-4, r
+
+
+def _hopper_compiler() -> tuple[bool, str]:
+    if triton is None:
+        return False, "triton is not installed"
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        return False, f"triton's NVIDIA backend is not available ({e})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "TRITON_INTERPRET=1 is set: the kernel is an interpreter function here"
+    return True, ""
+
+
+HOPPER_OK, HOPPER_WHY_NOT = _hopper_compiler()
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
+    """Compiled ahead of time for an H100/H200 (sm_90, ptxas from triton's wheel: no GPU
+    needed), every epilogue and split at the default tiles: compiles, issues asynchronous
+    copies (a multi-stage software pipeline) and Hopper's warp-group MMA. The signature is
+    what Triton's JIT specialises for the runners' contiguous tensors: unit strides become
+    constants, pointers and sizes are divisible by 16 (without that, no vectorised copies)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cat_titan.infer.decode_linear import _decode_linear_kernel as kernel
+    from cat_titan.infer.decode_linear import linear_config
+
+    names = kernel.arg_names
+    ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
+                Locks="*i32")
+    cfg = linear_config(64, 1536, 4096, False, 132)
+    for norm, resid, swiglu, split in [(True, False, False, 1), (False, True, False, 2), (True, False, True, 1),
+                                       (True, True, True, 3)]:
+        const = dict(sxk=1, swk=1, srn=1, son=1, EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, SPLIT_K=split,
+                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], IEEE=False)
+        signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+        aligned = [n for n in names if n in ptrs or n in ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT")]
+        src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        ir = compiled.asm["ttgir"]
+        assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, split)
+        assert "warp_group_dot" in ir, (norm, resid, swiglu, split)
+
+
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
+                                        ("debug-hybrid", None), ("debug-cat-layer", None)])
+def test_cpu_fused_runner_computes_the_unfused_step(name, chunk):
+    """Off CUDA ``fuse_linears`` routes the blocks through decode_linear's reference, which
+    is the model's own modules: the same tokens and logits bit for bit."""
+    model = debug_model(name)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (4, 9, 14)]
+    C = chunk or model.args.chunk_size
+    plain = list(stream(model, prompts, 14, chunk_size=chunk, runner=make_runner(model, 3, 14 + 14, C)))
+    runner = make_runner(model, 3, 14 + 14, C)
+    fused = runner.fuse_linears()
+    if name == "debug-cat-layer":
+        assert fused == [False] * len(model.layers)  # CAT-as-a-layer blocks keep their own attention
+    steps = list(stream(model, prompts, 14, chunk_size=chunk, runner=runner))
+    for a, b in zip(steps, plain):
+        assert torch.equal(a.tokens, b.tokens)
+        assert torch.equal(a.logits, b.logits)
+    assert generate(model, prompts, 14, chunk_size=chunk, runner=runner) == [s.tolist() for s in
+                                                                              torch.stack([p.tokens for p in plain], 1)]
+
+
+# cat-150m's decode linears at batch 64 (M, N, K, norm, residual, swiglu): wqkv, wo, w1|w3, w2, head
+CUDA_SHAPES = [(64, 4608, 1536, True, False, False), (64, 1536, 1536, False, True, False),
+               (64, 4096, 1536, True, False, True), (64, 1536, 4096, False, True, False),
+               (64, 32000, 1536, True, False, False), (320, 1536, 4096, False, True, False),
+               (7, 1536, 1536, False, True, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+def test_cuda_kernel_bf16_within_the_unfused_error(shape):
+    """bf16 at the reference-sized model's shapes (split-K where the heuristic picks it):
+    against the float32 definition, no further off than the unfused bf16 ops; bitwise
+    repeatable (split-K partials are summed in a fixed order); counters reset."""
+    from cat_titan.infer.decode_linear import decode_linear, linear_config, make_locks, reference_decode_linear
+    from cat_titan.models.common import RMSNorm
+
+    M, N, K, norm_on, resid, swiglu = shape
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(M, K, device=dev, dtype=bf)
+    w = (torch.randn((2 if swiglu else 1) * N, K, device=dev) / K ** 0.5).to(bf)
+    res = torch.randn(M, N, device=dev, dtype=bf) if resid else None
+    norm_bf = norm = None
+    if norm_on:  # the bf16 model's norm, and the same weights in float32
+        norm_bf = RMSNorm(K).to(dev, bf).requires_grad_(False)
+        norm_bf.weight.copy_(torch.rand(K, device=dev) + 0.5)
+        norm = RMSNorm(K).to(dev).requires_grad_(False)
+        norm.weight.copy_(norm_bf.weight.float())
+    locks = make_locks(dev)
+    with torch.no_grad():
+        exact = reference_decode_linear(x.float(), w.float(), norm, None if res is None else res.float(), swiglu)
+        unfused = reference_decode_linear(x, w, norm_bf, res, swiglu).float()
+        out = decode_linear(x, w, locks, norm_bf, res, swiglu)
+        again = decode_linear(x, w, locks, norm_bf, res, swiglu)
+    assert out.dtype == bf and out.shape == (M, N)
+    err, unfused_err = (out.float() - exact).abs().max().item(), (unfused - exact).abs().max().item()
+    assert err <= max(1.5 * unfused_err, 1e-3), (err, unfused_err, linear_config(M, N, K, swiglu, 132))
+    assert torch.equal(out, again)
+    assert int(locks.abs().sum()) == 0
+
