@@ -147,6 +147,38 @@ def test_generation_with_interpreted_kernels_equals_full_forward(tiles):
             assert row["err"] <= 1e-4, r
 
 
+MUTATION_CHECK = textwrap.dedent("""
+    import json, torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class HopperTarget:  # no GPU here: the TTIR needs only a target
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(HopperTarget())
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from cat_titan.infer import decode_linear as dl
+
+    def written(kernel, kw):
+        if hasattr(tkw, "identify_mutated_tensors"):  # torch <= 2.11
+            return sorted(tkw.identify_mutated_tensors(kernel, kw, {}))
+        acc = tkw.identify_accessed_tensors(kernel, kw, {})  # later versions
+        return sorted({d.name for d in acc.read_writes.writes if isinstance(kw.get(d.name), torch.Tensor)})
+
+    M, N, K, bf = 64, 1536, 4096, torch.bfloat16
+    t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)
+    out = {}
+    for norm, resid, swiglu, split in [(False, True, False, 2), (True, False, True, 1), (True, True, True, 3)]:
+        kw = dict(X=t(M, K), W=t(N, K), G=t(K), Res=t(M, N), Out=t(M, N), Work=t(split, 1, M, N, dtype=torch.float32),
+                  SSWork=t(split, 48, M, dtype=torch.float32), Locks=dl.make_locks("cpu"), M=M, N=N, K=K,
+                  K_SPLIT=2048, sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, EPS=1e-5, NORM=norm,
+                  RESID=resid, SWIGLU=swiglu, SPLIT_K=split, BM=64, BN=32, BK=128, IEEE=False)
+        out[f"{split}-{norm}"] = written(dl._decode_linear_kernel, kw)
+    print(json.dumps(out))
+""")
+
+
 def _hopper_compiler() -> tuple[bool, str]:
     if triton is None:
         return False, "triton is not installed"
@@ -193,6 +225,27 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
         ir = compiled.asm["ttgir"]
         assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, split)
         assert "warp_group_dot" in ir, (norm, resid, swiglu, split)
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+def test_compile_sees_only_outputs_and_counters_written():
+    """torch.compile decides from the kernel's TTIR which arguments it writes, and clones
+    what it believes written (or every argument if the analysis fails). It must find only the
+    output, the split-K workspaces and the counters: a weight or the residual stream in that
+    list would be copied on every call. Uses torch's private analysis (the call a traced
+    ``wrap_triton`` makes); skipped if neither of its known names exists."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    if not (hasattr(tkw, "identify_mutated_tensors") or hasattr(tkw, "identify_accessed_tensors")):
+        pytest.skip(f"torch {torch.__version__} has neither identify_mutated_tensors nor identify_accessed_tensors")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", MUTATION_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = json.loads(res.stdout.strip().splitlines()[-1])
+    assert written == {"2-False": ["Locks", "Out", "Work"], "1-True": ["Out"],
+                       "3-True": ["Locks", "Out", "SSWork", "Work"]}, written
 
 
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
