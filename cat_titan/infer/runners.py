@@ -302,7 +302,8 @@ class Runner(nn.Module):
             self.register_buffer("locks", make_locks(p.device), persistent=False)
         self._fused[:] = [self._fusable(layer) and g is not None
                           for layer, g in zip(self.model.layers, self._gate_up)]
-        self.fused_head = True
+        head = self.model.head
+        self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
         if self._graphs:
             self._graphs.clear()
         return list(self._fused)
@@ -412,7 +413,7 @@ class Runner(nn.Module):
     def _head(self, h: Tensor) -> Tensor:
         """Output head on one position per row: (B, D) -> (B, V)."""
         head = self.model.head
-        if self.fused_head and type(head.norm) is RMSNorm:
+        if self.fused_head:
             return decode_linear(h, head.output.weight, self.locks, norm=head.norm)
         return head(h[:, None])[:, 0]
 
