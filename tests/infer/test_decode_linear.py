@@ -179,6 +179,62 @@ MUTATION_CHECK = textwrap.dedent("""
 """)
 
 
+STEP_GRAPH_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class HopperTarget:  # no GPU here: inductor needs a target up to code generation
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    triton.runtime.driver.set_active(HopperTarget())
+    import torch._inductor.compile_fx as compile_fx
+    import cat_titan.infer.decode_linear as dl
+    from cat_titan.infer import generate, make_runner
+    from tests.infer.util import perturbed
+
+    dl.use_kernel = lambda x: torch.compiler.is_compiling()  # the kernel in the traced step only
+    graphs = []
+    post_grad = compile_fx._recursive_post_grad_passes
+
+    def keep(gm, *args, **kwargs):  # the graph inductor lowers (after reinplacing); Triton can't build for CPU
+        post_grad(gm, *args, **kwargs)
+        graphs.append(gm.graph)
+        raise RuntimeError("stop: graph captured")
+
+    compile_fx._recursive_post_grad_passes = keep
+    out = {}
+    for name in sys.argv[1:]:
+        model = perturbed(name)
+        runner = make_runner(model, 3, 40, model.args.chunk_size)
+        fused = runner.fuse_linears()
+        runner.compile_step(mode=None)
+        graphs.clear()
+        try:
+            generate(model, [[1, 2, 3], [4, 5], [6]], 2, runner=runner)
+        except Exception as e:
+            assert "stop: graph captured" in str(e), e
+        nodes = [n for n in graphs[0].nodes if n.op == "call_function"]
+        targets = [str(n.target) for n in nodes]
+        out[name] = dict(
+            fused=fused,
+            kernels=sum("triton_kernel_wrapper_mutation" in t for t in targets),
+            functional=sum("triton_kernel_wrapper_functional" in t for t in targets),
+            clones=sum("clone" in t for t in targets),
+            other_copies=sum("copy_" in str(n.target) and n.args[0] is not n.args[1] for n in nodes),
+            index_put_inplace=targets.count("aten.index_put_.default"),
+            index_put_copying=targets.count("aten.index_put.default"))
+    print(json.dumps(out))
+""")
+
+
 def _hopper_compiler() -> tuple[bool, str]:
     if triton is None:
         return False, "triton is not installed"
@@ -246,6 +302,31 @@ def test_compile_sees_only_outputs_and_counters_written():
     written = json.loads(res.stdout.strip().splitlines()[-1])
     assert written == {"2-False": ["Locks", "Out", "Work"], "1-True": ["Out"],
                        "3-True": ["Locks", "Out", "SSWork", "Work"]}, written
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+def test_compiled_fused_step_runs_in_place():
+    """The decode step as inductor compiles it for a Hopper GPU (on CPU: a Triton target
+    without a device, stopped before code generation): 4 decode_linear kernels per fused
+    block plus the head, each writing its output and counters in place (no functional kernel
+    left, no clone of a weight, the residual stream or the counters; the counters' only copy
+    is onto themselves, which inductor drops), and the caches still written in place."""
+    import torch._inductor.compile_fx as compile_fx
+
+    if not hasattr(compile_fx, "_recursive_post_grad_passes"):
+        pytest.skip(f"torch {torch.__version__} has no compile_fx._recursive_post_grad_passes to read the graph from")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    names = ["debug-cat", "debug-cat-adaptive", "debug-hybrid"]
+    res = subprocess.run([sys.executable, "-c", STEP_GRAPH_CHECK, *names], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in names:
+        r = out[name]
+        assert r["kernels"] == 4 * sum(r["fused"]) + 1, r
+        assert r["functional"] == r["clones"] == r["other_copies"] == r["index_put_copying"] == 0, r
+        assert r["index_put_inplace"] >= 2 * len(r["fused"]), r  # K and V of every layer
 
 
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
