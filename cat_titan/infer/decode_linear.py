@@ -86,6 +86,45 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
     return reference_decode_linear(x, w, norm, residual, swiglu)
 
 
+def reference_decode_qkv(x: Tensor, w: Tensor, norm: Optional[nn.Module], k_cache: Tensor, v_cache: Tensor,
+                         cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int) -> Tensor:
+    """The definition of ``decode_qkv`` with the model's ops (runners.split_qkv's arithmetic)."""
+    from ..models.common import apply_rope
+
+    M = x.shape[0]
+    hd = k_cache.shape[-1]
+    qkv = F.linear(x if norm is None else norm(x), w).view(M, -1, (G + 2) * hd)  # (M, Hkv, (G+2)*hd)
+    q, k, v = qkv.split([G * hd, hd, hd], dim=-1)
+    q = q.reshape(M, -1, hd)  # (M, Hq, hd)
+    rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
+    rows = torch.arange(M, device=x.device) // T
+    k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
+    v_cache[rows, :, cols] = v
+    return rope(q).reshape(M, -1)  # (M, Hq*hd)
+
+
+def qkv_kernel_supports(x: Tensor, k_cache: Tensor, cos: Tensor) -> bool:
+    """The fused RoPE + cache epilogue: rotary width = head dim, a power of two Triton can
+    tile (one head per tile), caches in x's dtype."""
+    hd = k_cache.shape[-1]
+    return hd in (16, 32, 64, 128, 256) and cos.shape[-1] == hd and k_cache.dtype == x.dtype
+
+
+def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k_cache: Tensor, v_cache: Tensor,
+               cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int) -> Tensor:
+    """Norm + the fused qkv projection + RoPE + the K/V cache writes as one kernel.
+
+    x (M, D) with M = B * T (row m: query m % T of batch row m // T); w (Hkv * (G+2) * hd, D)
+    in the model's per-KV-head layout (G query heads, then k, then v); caches (B, Hkv, N, hd);
+    cos/sin (M, hd): each row's RoPE; cols (M,): each row's cache column. Writes k (rotated)
+    and v at [m // T, :, cols[m]] and returns the rotated q (M, G * Hkv * hd)."""
+    if use_kernel(x) and kernel_supports(x, w, norm) and qkv_kernel_supports(x, k_cache, cos):
+        g = None if norm is None else norm.weight
+        eps = 0.0 if norm is None else float(norm.eps)
+        return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G)
+    return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G)
+
+
 def make_locks(device) -> Tensor:
     return torch.zeros(LOCKS, dtype=torch.int32, device=device)
 
@@ -117,9 +156,20 @@ if triton is not None:
         return tl.dot(x, tl.trans(w), acc)
 
     @triton.jit
-    def _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS: tl.constexpr,
-                  NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr):
-        """Full-K accumulators (BM, BN) -> the norm's row scale, SwiGLU, residual; one rounding."""
+    def _rotate_half(x, BM: tl.constexpr, HD: tl.constexpr):
+        """(BM, HD) -> [-x[:, HD/2:] | x[:, :HD/2]] (RoPE's partner features, sign folded in)."""
+        halves = tl.permute(tl.reshape(x, [BM, 2, HD // 2]), (0, 2, 1))  # (BM, HD/2, 2)
+        lo, hi = tl.split(halves)  # (BM, HD/2) each
+        return tl.reshape(tl.permute(tl.join(-hi, lo), (0, 2, 1)), [BM, HD])
+
+    @triton.jit
+    def _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
+                  Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS: tl.constexpr,
+                  NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
+                  QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """Full-K accumulators (BM, BN) -> the norm's row scale, SwiGLU, residual; one rounding.
+        QKV: the tile is one head of the fused projection (BN = head dim): RoPE on q and k
+        heads; q heads to Out (M, Hq * hd), k and v into the caches at each row's column."""
         if NORM:
             r = 1.0 / tl.sqrt(ss / K + EPS)  # (BM,)
             acc = acc * r[:, None]
@@ -129,13 +179,33 @@ if triton is not None:
         mask = m_ok[:, None] & n_ok[None, :]
         if RESID:
             acc += tl.load(Res + rm[:, None] * srm + rn[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Out + rm[:, None] * som + rn[None, :] * son, acc.to(Out.dtype.element_ty), mask=mask)
+        if QKV:
+            kv_head, slot = pid_n // (GQ + 2), pid_n % (GQ + 2)  # per KV head: GQ q heads, k, v
+            d = tl.arange(0, BN)
+            if slot <= GQ:  # q or k: rotate (fp32 tables or not, the product is fp32)
+                cos = tl.load(Cos + rm[:, None] * BN + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+                sin = tl.load(Sin + rm[:, None] * BN + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+                acc = acc * cos + _rotate_half(acc, BM, BN) * sin
+            if slot < GQ:
+                q_col = (kv_head * GQ + slot) * BN + d
+                tl.store(Out + rm[:, None] * som + q_col[None, :] * son, acc.to(Out.dtype.element_ty),
+                         mask=m_ok[:, None])
+            else:
+                col = tl.load(Cols + rm, mask=m_ok, other=0)  # (BM,) cache column of each row
+                at = (rm // T) * skb + kv_head * skh + col * skn  # row m is query m % T of batch row m // T
+                if slot == GQ:
+                    tl.store(Kc + at[:, None] + d[None, :] * skd, acc.to(Kc.dtype.element_ty), mask=m_ok[:, None])
+                else:
+                    tl.store(Vc + at[:, None] + d[None, :] * skd, acc.to(Vc.dtype.element_ty), mask=m_ok[:, None])
+        else:
+            tl.store(Out + rm[:, None] * som + rn[None, :] * son, acc.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks,
+    def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
                               M, N, K, K_SPLIT,
-                              sxm, sxk, swn, swk, srm, srn, som, son,
+                              sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
                               EPS: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
+                              QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
                               SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               IEEE: tl.constexpr):
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -164,7 +234,8 @@ if triton is not None:
                 w3 = tl.load(W + (rn + N)[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)
                 acc3 = _dot(acc3, x, w3, IEEE)
         if SPLIT_K == 1:
-            _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS, NORM, RESID, SWIGLU)
+            _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
+                      Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T, BM, BN)
         else:
             # Work: (SPLIT_K, 2 if SWIGLU else 1, M, N) fp32; SSWork: (SPLIT_K, n_tiles, M) fp32
             NACC: tl.constexpr = 2 if SWIGLU else 1
@@ -190,18 +261,26 @@ if triton is not None:
                     if NORM:
                         ss += tl.load(SSWork + (s * n_tiles + pid_n) * M + rm, mask=m_ok, other=0.0,
                                       cache_modifier=".cg")
-                _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son, EPS,
-                          NORM, RESID, SWIGLU)
+                _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
+                          Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T,
+                          BM, BN)
                 tl.atomic_xchg(Locks + tile, 0)  # ready for the next call
 
     def launch_decode_linear(kernel, x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
-                             locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None) -> Tensor:
+                             locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
+                             qkv: Optional[tuple] = None) -> Tensor:
         """Run ``kernel`` (``_decode_linear_kernel``, or it wrapped for torch.compile);
-        config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, num_warps, num_stages."""
+        config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, num_warps, num_stages.
+        qkv: (k_cache, v_cache, cos, sin, cols, T, G) for the projection's RoPE + cache epilogue
+        (see ``decode_qkv``); returns q (M, Hq * hd)."""
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
         cfg = dict(linear_config(M, N, K, swiglu, sms), **(config or {}))
+        if qkv is not None:
+            k_cache, v_cache, cos, sin, cols, T, G = qkv
+            hd = k_cache.shape[-1]
+            cfg["BN"] = hd  # one head per tile
         BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
         k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each split: whole BK steps
         split = triton.cdiv(K, k_split)
@@ -209,22 +288,35 @@ if triton is not None:
         if split > 1 and grid[0] * grid[2] > locks.numel():
             raise ValueError(f"decode_linear: {grid[0] * grid[2]} tiles need as many counters; locks has "
                              f"{locks.numel()} (use fewer tiles with split-K, or a larger locks buffer)")
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        out = torch.empty((M, N // (G + 2) * G if qkv is not None else N), dtype=x.dtype, device=x.device)
         if split > 1:
             work = torch.empty((split, 2 if swiglu else 1, M, N), dtype=torch.float32, device=x.device)
             ss_work = torch.empty((split, grid[0], M), dtype=torch.float32, device=x.device)
         else:  # unused
             work = ss_work = out
         res = residual if residual is not None else out
+        if qkv is None:  # unused pointers and strides
+            k_cache = v_cache = cos = sin = cols = out
+            T = G = 1
+            cache_strides = (0, 0, 0, 0)
+        else:
+            cache_strides = k_cache.stride()
         kernel[grid](
-            x, w, g if g is not None else x, res, out, work, ss_work, locks,
+            x, w, g if g is not None else x, res, out, work, ss_work, locks, cos, sin, k_cache, v_cache, cols,
             M, N, K, k_split,
-            *x.stride(), *w.stride(), *res.stride(), *out.stride(),
+            *x.stride(), *w.stride(), *res.stride(), *out.stride(), *cache_strides,
             # a constexpr: a float argument arrives as fp64 through torch.compile
-            EPS=eps, NORM=g is not None, RESID=residual is not None, SWIGLU=swiglu, SPLIT_K=split,
+            EPS=eps, NORM=g is not None, RESID=residual is not None, SWIGLU=swiglu,
+            QKV=qkv is not None, GQ=G, T=T, SPLIT_K=split,
             BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out
+
+    @torch.library.triton_op("cat_titan::decode_qkv", mutates_args={"locks", "k_cache", "v_cache"})
+    def _decode_qkv_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int) -> Tensor:
+        return launch_decode_linear(torch.library.wrap_triton(_decode_linear_kernel), x, w, g, None, locks, eps,
+                                    False, qkv=(k_cache, v_cache, cos, sin, cols, T, G))
 
     @torch.library.triton_op("cat_titan::decode_linear", mutates_args={"locks"})
     def _decode_linear_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ..models.common import Attention, RMSNorm, apply_rope, attend
 from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
-from .decode_linear import decode_linear, make_locks
+from .decode_linear import decode_linear, decode_qkv, make_locks
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,16 +99,15 @@ def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Ten
     return h + ff.gated(*F.linear(u, gate_up).chunk(2, dim=-1))  # (B, S, 2F) -> 2 x (B, S, F)
 
 
-def fused_block_forward(layer: nn.Module, x: Tensor, attend_qkv: Callable[[Tensor], Tensor], gate_up: Tensor,
+def fused_block_forward(layer: nn.Module, x: Tensor, attend: Callable[[Tensor], Tensor], gate_up: Tensor,
                         locks: Tensor) -> Tensor:
-    """``block_forward`` as four ``decode_linear`` kernels around the attention: norm + wqkv,
-    wo + residual, norm + w1|w3 + SwiGLU, w2 + residual. x (B, T, D) -> (B, T, D);
-    attend_qkv: the projection (B, T, (Hq + 2 Hkv) * hd) -> attention heads (B, Hq, T, hd)."""
+    """``block_forward`` as four kernels around the attention: norm + wqkv + RoPE + cache
+    writes (``KVCache.attend_fused``), wo + residual, norm + w1|w3 + SwiGLU, w2 + residual.
+    x (B, T, D) -> (B, T, D); attend: x (B, T, D), before the norm -> heads (B, Hq, T, hd)."""
     B, T, D = x.shape
     attn, ff = layer.attention, layer.feed_forward
     x2 = x.reshape(B * T, D)
-    qkv = decode_linear(x2, attn.wqkv.weight, locks, norm=layer.attention_norm)  # (BT, (Hq+2Hkv)*hd)
-    y = attend_qkv(qkv.view(B, T, -1)).transpose(1, 2).reshape(B * T, -1)  # (B, Hq, T, hd) -> (BT, Hq*hd)
+    y = attend(x).transpose(1, 2).reshape(B * T, -1)  # (B, Hq, T, hd) -> (BT, Hq*hd)
     h = decode_linear(y, attn.wo.weight, locks, residual=x2)  # (BT, D)
     u = decode_linear(h, gate_up, locks, norm=layer.ffn_norm, swiglu=True)  # (BT, F)
     return decode_linear(u, ff.w2.weight, locks, residual=h).view(B, T, D)
@@ -168,6 +167,19 @@ class KVCache(nn.Module):
         column included, so queries of one step see each other as their lengths say).
         n_cols: the cache's first n_cols columns only (every length lies within)."""
         return attn_output(attn, self.attend_qkv(attn, attn.wqkv(x), cos, sin, cols, lengths, n_cols))
+
+    def attend_fused(self, attn: Attention, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
+                     lengths: Tensor, locks: Tensor, n_cols: Optional[int] = None) -> Tensor:
+        """``attend`` before ``wo`` with the block's norm, the projection, RoPE and the K/V
+        writes as one kernel (``decode_qkv``): x (B, T, D), not yet normed -> heads (B, Hq, T, hd)."""
+        B, T, D = x.shape
+        hd = attn.head_dim
+        flat = lambda t: t.reshape(B * T, -1).contiguous()  # (B, 1, T, n) tables, (B, T) columns -> rows
+        q = decode_qkv(x.reshape(B * T, D), attn.wqkv.weight, locks, norm, self.k, self.v, flat(cos), flat(sin),
+                       flat(cols)[:, 0], T, attn.group)  # (BT, Hq*hd); K/V written
+        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, hd)
+        keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
+        return decode_attention(q, keys, values, lengths)
 
     def attend_qkv(self, attn: Attention, qkv: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, lengths: Tensor,
                    n_cols: Optional[int] = None) -> Tensor:
@@ -313,11 +325,11 @@ class Runner(nn.Module):
         attn = layer.attention
         return type(attn) is Attention and attn.q_norm is None
 
-    def _block(self, i: int, layer: nn.Module, x: Tensor, attend_qkv: Callable[[Tensor], Tensor],
+    def _block(self, i: int, layer: nn.Module, x: Tensor, attend_fused: Callable[[Tensor], Tensor],
                attention: Callable[[Tensor], Tensor]) -> Tensor:
         """Layer i of a decode step, fused (``fuse_linears``) or as the model's ops."""
         if self._fused[i]:
-            return fused_block_forward(layer, x, attend_qkv, self._gate_up[i], self.locks)
+            return fused_block_forward(layer, x, attend_fused, self._gate_up[i], self.locks)
         return block_forward(layer, x, attention, self._gate_up[i])
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
@@ -532,7 +544,8 @@ class CatRunner(Runner):
         cos, sin = _rope_at(m.rope, rope)
         for i, (layer, cache) in enumerate(zip(m.layers, self.kv)):
             x = self._block(i, layer, x,
-                            lambda qkv, a=layer.attention, cache=cache: cache.attend_qkv(a, qkv, cos, sin, col, lengths),
+                            lambda u, layer=layer, cache=cache: cache.attend_fused(
+                                layer.attention, layer.attention_norm, u, cos, sin, col, lengths, self.locks),
                             lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths))
         if x.shape[1] == 1:
             return self._head(x[:, 0])
@@ -641,8 +654,9 @@ class StackRunner(Runner):
             hidden_rows, hidden_phase = _rows(pos), (pos % self.chunk_size)[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
-                def attend_qkv(qkv, layer=layer, cache=cache):
-                    return cache.attend_qkv(layer.attention, qkv, dense_cos, dense_sin, dense_col, dense_len, n_dense)
+                def attend_fused(u, layer=layer, cache=cache):
+                    return cache.attend_fused(layer.attention, layer.attention_norm, u, dense_cos, dense_sin, dense_col,
+                                              dense_len, self.locks, n_dense)
 
                 def attention(u, layer=layer, cache=cache):
                     return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)
@@ -656,8 +670,8 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-                attend_qkv = None  # CAT layers are not fused (_fusable)
-            x = self._block(i, layer, x, attend_qkv, attention)
+                attend_fused = None  # CAT layers are not fused (_fusable)
+            x = self._block(i, layer, x, attend_fused, attention)
         return self._head(x[:, 0])
 
 

@@ -4,13 +4,18 @@ On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set b
 kernel is defined, hence subprocesses), float32:
 * the kernel alone against ``reference_decode_linear`` (the model's RMSNorm, F.linear,
   SwiGLU, add) for every combination of norm / residual / SwiGLU, ragged shapes, and K split
-  over 1-3 programs; tolerance 2e-5 (fp32 sums in another order, outputs of order 1-10), and
-  the split-K counters must be back at zero after each call;
+  over 1-3 programs; and as the qkv projection with RoPE and K/V cache writes against
+  ``reference_decode_qkv`` (1-2 queries per row, 1-2 query heads per KV head, head dims 16
+  and 32, K split 1-2); tolerance 2e-5 (fp32 sums in another order, outputs of order 1-10),
+  and the split-K counters must be back at zero after each call;
 * generation with every fusable block and the head on the kernel (interpreted) against
   greedy decoding by full forward passes: same tokens, logits to 1e-4 (as test_generate.py),
   once with the default tiles and once (two of the models) with a forced 2-way K split.
 On CPU without the interpreter the fused runner computes exactly what the unfused one does
-(same modules). On CUDA: test_generate_cuda.py.
+(same modules). Without a GPU: the kernel compiled for sm_90, torch.compile's view of what it
+writes, and the compiled step's graph. On CUDA: the bf16 tests below and
+test_generate_cuda.py. (Triton 3.9's interpreter computes garbage for bf16 dots, in
+decode_attention's kernel as well, so the bf16 tests' logic was checked there in fp16.)
 """
 
 import json
@@ -56,6 +61,28 @@ KERNEL_CHECK = textwrap.dedent("""
                 rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, split=cfg["SPLIT_K"],
                                  out_shape=list(out.shape), err=(out - want).abs().max().item(),
                                  scale=want.abs().max().item(), locks=int(locks.abs().sum())))
+    # the projection with RoPE and the K/V cache writes: queries per batch row T, q heads per kv head G
+    from cat_titan.infer.decode_linear import reference_decode_qkv
+    from cat_titan.models.common import rope_table
+    for T, G, hd, split in itertools.product([1, 2], [1, 2], [16, 32], [1, 2]):
+        B, Hkv, D, n_cols = 3, 2, 48, 7
+        M = B * T
+        x, w = torch.randn(M, D), torch.randn(Hkv * (G + 2) * hd, D) / D ** 0.5
+        norm = RMSNorm(D).requires_grad_(False)
+        norm.weight.copy_(torch.rand(D) + 0.5)
+        cos_t, sin_t = rope_table(hd, 20, 10000.0)
+        ids = torch.randint(0, 20, (M,))
+        cols = torch.stack([torch.randperm(n_cols)[:T] for _ in range(B)]).reshape(M)  # distinct per batch row
+        k0, v0 = torch.randn(B, Hkv, n_cols, hd), torch.randn(B, Hkv, n_cols, hd)
+        k1, v1 = k0.clone(), v0.clone()
+        want = reference_decode_qkv(x, w, norm, k0, v0, cos_t[ids], sin_t[ids], cols, T, G)
+        locks = make_locks("cpu")
+        got = launch_decode_linear(_decode_linear_kernel, x, w, norm.weight, None, locks, 1e-5, False,
+                                   dict(SPLIT_K=split, BM=16, BK=16), qkv=(k1, v1, cos_t[ids], sin_t[ids], cols, T, G))
+        rows.append(dict(shape=[M, hd, D], qkv=[T, G], split=split, out_shape=list(got.shape),
+                         want_shape=list(want.shape), err=max((got - want).abs().max().item(),
+                         (k1 - k0).abs().max().item(), (v1 - v0).abs().max().item()),
+                         scale=want.abs().max().item(), locks=int(locks.abs().sum())))
     print(json.dumps(rows))
 """)
 
@@ -121,10 +148,13 @@ def _run(code: str, *args: str) -> list:
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_reference():
     rows = _run(KERNEL_CHECK)
-    assert len(rows) == 3 * 8 * 3
+    assert len(rows) == 3 * 8 * 3 + 16
     for r in rows:
-        M, N, K = r["shape"]
-        assert r["out_shape"] == [M, N], r
+        if "qkv" in r:  # q (M, Hq*hd) and the cache contents (written columns and untouched ones)
+            assert r["out_shape"] == r["want_shape"], r
+        else:
+            M, N, K = r["shape"]
+            assert r["out_shape"] == [M, N], r
         assert r["err"] <= 2e-5 * max(1.0, r["scale"]), r
         assert r["locks"] == 0, r  # every split-K tile reset its counter
 
@@ -169,12 +199,18 @@ MUTATION_CHECK = textwrap.dedent("""
     M, N, K, bf = 64, 1536, 4096, torch.bfloat16
     t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)
     out = {}
-    for norm, resid, swiglu, split in [(False, True, False, 2), (True, False, True, 1), (True, True, True, 3)]:
+    # (norm, residual, swiglu, qkv, split); qkv: the projection with RoPE and the K/V cache writes
+    for norm, resid, swiglu, qkv, split in [(False, True, False, False, 2), (True, False, True, False, 1),
+                                            (True, True, True, False, 3), (True, False, False, True, 1),
+                                            (True, False, False, True, 2)]:
         kw = dict(X=t(M, K), W=t(N, K), G=t(K), Res=t(M, N), Out=t(M, N), Work=t(split, 1, M, N, dtype=torch.float32),
-                  SSWork=t(split, 48, M, dtype=torch.float32), Locks=dl.make_locks("cpu"), M=M, N=N, K=K,
-                  K_SPLIT=2048, sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, EPS=1e-5, NORM=norm,
-                  RESID=resid, SWIGLU=swiglu, SPLIT_K=split, BM=64, BN=32, BK=128, IEEE=False)
-        out[f"{split}-{norm}"] = written(dl._decode_linear_kernel, kw)
+                  SSWork=t(split, 48, M, dtype=torch.float32), Locks=dl.make_locks("cpu"),
+                  Cos=t(M, 64, dtype=torch.float32), Sin=t(M, 64, dtype=torch.float32), Kc=t(M, 8, 40, 64),
+                  Vc=t(M, 8, 40, 64), Cols=t(M, dtype=torch.long), M=M, N=N, K=K, K_SPLIT=2048,
+                  sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, skb=20480, skh=2560, skn=64, skd=1,
+                  EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split, BM=64,
+                  BN=64 if qkv else 32, BK=128, IEEE=False)
+        out[f"{split}-{norm}-{qkv}"] = written(dl._decode_linear_kernel, kw)
     print(json.dumps(out))
 """)
 
@@ -210,11 +246,9 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
         raise RuntimeError("stop: graph captured")
 
     compile_fx._recursive_post_grad_passes = keep
-    out = {}
-    for name in sys.argv[1:]:
-        model = perturbed(name)
+    def step_graph(model, fuse):
         runner = make_runner(model, 3, 40, model.args.chunk_size)
-        fused = runner.fuse_linears()
+        fused = runner.fuse_linears() if fuse else None
         runner.compile_step(mode=None)
         graphs.clear()
         try:
@@ -223,7 +257,7 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
             assert "stop: graph captured" in str(e), e
         nodes = [n for n in graphs[0].nodes if n.op == "call_function"]
         targets = [str(n.target) for n in nodes]
-        out[name] = dict(
+        return dict(
             fused=fused,
             kernels=sum("triton_kernel_wrapper_mutation" in t for t in targets),
             functional=sum("triton_kernel_wrapper_functional" in t for t in targets),
@@ -231,6 +265,11 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
             other_copies=sum("copy_" in str(n.target) and n.args[0] is not n.args[1] for n in nodes),
             index_put_inplace=targets.count("aten.index_put_.default"),
             index_put_copying=targets.count("aten.index_put.default"))
+
+    out = {}
+    for name in sys.argv[1:]:
+        model = perturbed(name)
+        out[name] = dict(unfused=step_graph(model, False), fused=step_graph(model, True))
     print(json.dumps(out))
 """)
 
@@ -266,29 +305,31 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
 
     names = kernel.arg_names
     ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
-                Locks="*i32")
+                Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
     cfg = linear_config(64, 1536, 4096, False, 132)
-    for norm, resid, swiglu, split in [(True, False, False, 1), (False, True, False, 2), (True, False, True, 1),
-                                       (True, True, True, 3)]:
-        const = dict(sxk=1, swk=1, srn=1, son=1, EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, SPLIT_K=split,
-                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], IEEE=False)
+    for norm, resid, swiglu, qkv, split in [(True, False, False, False, 1), (False, True, False, False, 2),
+                                            (True, False, True, False, 1), (True, True, True, False, 3),
+                                            (True, False, False, True, 1), (True, False, False, True, 2)]:
+        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv,
+                     GQ=1, T=1, SPLIT_K=split, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"], IEEE=False)
         signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
-        aligned = [n for n in names if n in ptrs or n in ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT")]
+        aligned = [n for n in names if n in ptrs or n in ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb",
+                                                          "skh", "skn")]
         src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
         ir = compiled.asm["ttgir"]
-        assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, split)
-        assert "warp_group_dot" in ir, (norm, resid, swiglu, split)
+        assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, qkv, split)
+        assert "warp_group_dot" in ir, (norm, resid, swiglu, qkv, split)
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
 def test_compile_sees_only_outputs_and_counters_written():
     """torch.compile decides from the kernel's TTIR which arguments it writes, and clones
     what it believes written (or every argument if the analysis fails). It must find only the
-    output, the split-K workspaces and the counters: a weight or the residual stream in that
-    list would be copied on every call. Uses torch's private analysis (the call a traced
+    output, the split-K workspaces, the counters and (the projection with RoPE) the K/V
+    caches: a weight or the residual stream in that list could be copied on every call. Uses torch's private analysis (the call a traced
     ``wrap_triton`` makes); skipped if neither of its known names exists."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
@@ -300,17 +341,19 @@ def test_compile_sees_only_outputs_and_counters_written():
                          timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     written = json.loads(res.stdout.strip().splitlines()[-1])
-    assert written == {"2-False": ["Locks", "Out", "Work"], "1-True": ["Out"],
-                       "3-True": ["Locks", "Out", "SSWork", "Work"]}, written
+    assert written == {"2-False-False": ["Locks", "Out", "Work"], "1-True-False": ["Out"],
+                       "3-True-False": ["Locks", "Out", "SSWork", "Work"], "1-True-True": ["Kc", "Out", "Vc"],
+                       "2-True-True": ["Kc", "Locks", "Out", "SSWork", "Vc", "Work"]}, written
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
 def test_compiled_fused_step_runs_in_place():
     """The decode step as inductor compiles it for a Hopper GPU (on CPU: a Triton target
-    without a device, stopped before code generation): 4 decode_linear kernels per fused
-    block plus the head, each writing its output and counters in place (no functional kernel
-    left, no clone of a weight, the residual stream or the counters; the counters' only copy
-    is onto themselves, which inductor drops), and the caches still written in place."""
+    without a device, stopped before code generation): 4 kernels per fused block plus the
+    head, each writing its output, counters and (the projection's) K/V cache columns in place:
+    no functional kernel left, no clone of a weight, the residual stream, the caches or the
+    counters (the counters' only copy is onto themselves, which inductor drops); the K/V
+    index_put_ of the unfused step are gone."""
     import torch._inductor.compile_fx as compile_fx
 
     if not hasattr(compile_fx, "_recursive_post_grad_passes"):
@@ -323,10 +366,13 @@ def test_compiled_fused_step_runs_in_place():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     for name in names:
-        r = out[name]
-        assert r["kernels"] == 4 * sum(r["fused"]) + 1, r
+        r, plain = out[name]["fused"], out[name]["unfused"]
+        n_fused = sum(r["fused"])
+        assert r["kernels"] == 4 * n_fused + 1, r
         assert r["functional"] == r["clones"] == r["other_copies"] == r["index_put_copying"] == 0, r
-        assert r["index_put_inplace"] >= 2 * len(r["fused"]), r  # K and V of every layer
+        # each fused block writes its K and V in its projection kernel instead of two index_put_
+        assert r["index_put_inplace"] == plain["index_put_inplace"] - 2 * n_fused, (r, plain)
+        assert plain["kernels"] == 0 and plain["clones"] == plain["index_put_copying"] == 0, plain
 
 
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
@@ -392,3 +438,46 @@ def test_cuda_kernel_bf16_within_the_unfused_error(shape):
     assert torch.equal(out, again)
     assert int(locks.abs().sum()) == 0
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T,G", [(1, 1), (2, 1), (1, 4)])
+def test_cuda_qkv_kernel_bf16_within_the_unfused_error(T, G):
+    """The projection with RoPE and K/V writes at cat-150m's width (24 KV heads x 64 for G=1),
+    bf16, against the float32 definition: q and the caches no further off than the unfused
+    bf16 ops, and only the rows' own columns written."""
+    from cat_titan.infer.decode_linear import decode_qkv, make_locks, reference_decode_qkv
+    from cat_titan.models.common import RMSNorm, rope_table
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    B, D, hd, n_cols = 64, 1536, 64, 97
+    Hkv = 24 // G
+    M = B * T
+    x = torch.randn(M, D, device=dev, dtype=bf)
+    w = (torch.randn(Hkv * (G + 2) * hd, D, device=dev) / D ** 0.5).to(bf)
+    norm_bf = RMSNorm(D).to(dev, bf).requires_grad_(False)
+    norm_bf.weight.copy_(torch.rand(D, device=dev) + 0.5)
+    norm = RMSNorm(D).to(dev).requires_grad_(False)
+    norm.weight.copy_(norm_bf.weight.float())
+    cos_t, sin_t = rope_table(hd, 64, 10000.0, device=dev)
+    ids = torch.randint(0, 64, (M,), device=dev)
+    cos, sin = cos_t[ids], sin_t[ids]
+    cols = torch.stack([torch.randperm(n_cols, device=dev)[:T] for _ in range(B)]).reshape(M)
+    caches = [torch.randn(B, Hkv, n_cols, hd, device=dev, dtype=bf) for _ in range(2)]
+    exact_c = [c.float() for c in caches]
+    unfused_c = [c.clone() for c in caches]
+    fused_c = [c.clone() for c in caches]
+    with torch.no_grad():
+        exact = reference_decode_qkv(x.float(), w.float(), norm, *exact_c, cos, sin, cols, T, G)
+        unfused = reference_decode_qkv(x, w, norm_bf, *unfused_c, cos, sin, cols, T, G).float()
+        out = decode_qkv(x, w, make_locks(dev), norm_bf, *fused_c, cos, sin, cols, T, G)
+    assert out.shape == exact.shape and out.dtype == bf
+    for got, ref, want in [(out, unfused, exact)] + list(zip(fused_c, unfused_c, exact_c)):
+        err, unfused_err = (got.float() - want).abs().max().item(), (ref.float() - want).abs().max().item()
+        assert err <= max(1.5 * unfused_err, 1e-3), (err, unfused_err)
+    untouched = torch.ones(B, n_cols, dtype=torch.bool, device=dev)
+    untouched[torch.arange(M, device=dev) // T, cols] = False
+    for got, before in zip(fused_c, caches):
+        assert torch.equal(got.permute(0, 2, 1, 3)[untouched], before.permute(0, 2, 1, 3)[untouched])
