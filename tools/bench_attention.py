@@ -385,6 +385,55 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
         dflt = next((r for r in fused if r.get("default")), None)
         print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
               flush=True)
+    rows += decode_qkv_rows(device, batch, cycle_bytes, locks, sms)
+    return rows
+
+
+def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: int = 1536, heads: int = 24,
+                    hd: int = 64, n_cols: int = 97) -> list[dict]:
+    """decode_qkv (norm + wqkv + RoPE + K/V cache writes, one head per tile) at each K split /
+    warp setting against the same ops unfused (inductor: norm, cuBLAS, RoPE, index_put)."""
+    from cat_titan.infer.decode_linear import (_decode_linear_kernel, launch_decode_linear, linear_config,
+                                               reference_decode_qkv)
+    from cat_titan.models.common import RMSNorm, rope_table
+
+    name, rows = "norm + wqkv + rope + cache (decode_qkv)", []
+    N = 3 * heads * hd
+    copies = max(2, -(-cycle_bytes // (N * D * 2)))
+    ws = [torch.randn(N, D, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(batch, D, device=device, dtype=torch.bfloat16)
+    norm = RMSNorm(D).to(device, torch.bfloat16).requires_grad_(False)
+    kc, vc = (torch.zeros(batch, heads, n_cols, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
+    cos_t, sin_t = rope_table(hd, 128, 10000.0, device=device)
+    cos, sin = cos_t[:batch].contiguous(), sin_t[:batch].contiguous()
+    cols = torch.full((batch,), n_cols // 2, device=device, dtype=torch.long)
+    unfused = torch.compile(reference_decode_qkv, dynamic=False)
+
+    def row(label, fn, **extra):
+        us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
+        r = {"linear": name, "M": batch, "K": D, "N": N, "variant": label, **extra, "us": us,
+             "weight_TBps": N * D * 2 / us / 1e6}
+        rows.append(r)
+        return r
+
+    base = row("unfused (inductor + cuBLAS)", lambda w: unfused(x, w, norm, kc, vc, cos, sin, cols, 1, 1))
+    default = linear_config(batch, N, D, False, sms, BN=hd)
+    for BK in (64, 128):
+        for split in (1, 2, 4):
+            for warps, stages in ((4, 3), (8, 3)):
+                cfg = dict(BM=default["BM"], BK=BK, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                qkv = (kc, vc, cos, sin, cols, 1, 1)
+                try:
+                    row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, norm.weight, None, locks,
+                                                                1e-5, False, cfg, qkv=qkv), **cfg, BN=hd,
+                        default=all(default[k] == v for k, v in cfg.items()))
+                except Exception as e:
+                    rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
+    fused = [r for r in rows if r["variant"] == "fused" and "us" in r]
+    best = min(fused, key=lambda r: r["us"])
+    dflt = next((r for r in fused if r.get("default")), None)
+    print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
+          flush=True)
     return rows
 
 

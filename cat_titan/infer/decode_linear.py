@@ -134,13 +134,14 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def linear_config(M: int, N: int, K: int, swiglu: bool, sms: int) -> dict:
+def linear_config(M: int, N: int, K: int, swiglu: bool, sms: int, BN: int = 32) -> dict:
     """Tiles and split for an (M, K) x (K, N) decode matmul: 16-64 rows per tile (the batch
-    is small), 32 output columns (64 weight rows with swiglu), 128-wide K steps, and a K split
-    that brings the programs up to about one per SM. Not yet tuned on a GPU:
-    ``tools/bench_attention.py --decode-linear`` times the alternatives."""
+    is small), BN output columns (32; 64 weight rows with swiglu; the head dim for
+    ``decode_qkv``), 128-wide K steps, and a K split that brings the programs up to about one
+    per SM. Not yet tuned on a GPU: ``tools/bench_attention.py --decode-linear`` times the
+    alternatives."""
     BM = max(16, min(64, triton.next_power_of_2(M)))
-    BN, BK = 32, 128
+    BK = 128
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     split = max(1, min(sms // tiles, K // (2 * BK), 8))
     return dict(BM=BM, BN=BN, BK=BK, SPLIT_K=split, num_warps=4, num_stages=3)
@@ -276,11 +277,12 @@ if triton is not None:
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
-        cfg = dict(linear_config(M, N, K, swiglu, sms), **(config or {}))
         if qkv is not None:
             k_cache, v_cache, cos, sin, cols, T, G = qkv
-            hd = k_cache.shape[-1]
-            cfg["BN"] = hd  # one head per tile
+            hd = k_cache.shape[-1]  # one head per tile
+            cfg = dict(linear_config(M, N, K, swiglu, sms, BN=hd), **(config or {}), BN=hd)
+        else:
+            cfg = dict(linear_config(M, N, K, swiglu, sms), **(config or {}))
         BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
         k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each split: whole BK steps
         split = triton.cdiv(K, k_split)

@@ -101,7 +101,7 @@ GENERATION_CHECK = textwrap.dedent("""
     dl.launch_decode_linear = counted
     cases = [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None), ("debug-hybrid", None)]
     if sys.argv[1] == "split":  # every matmul's K range over two programs (slower: two models)
-        dl.linear_config = lambda M, N, K, swiglu, sms: dict(BM=16, BN=32, BK=32, SPLIT_K=2, num_warps=4,
+        dl.linear_config = lambda M, N, K, swiglu, sms, BN=32: dict(BM=16, BN=32, BK=32, SPLIT_K=2, num_warps=4,
                                                              num_stages=1)
         cases = cases[:2]
     out = []
