@@ -13,6 +13,10 @@ Here each linear of a block is one kernel:
         swiglu: w is (2F, K) = [w1 | w3]; returns silu(x w1^T) * (x w3^T), (M, F)
         residual (M, N): returns residual + the result
 
+    decode_qkv(x, wqkv, norm, k_cache, v_cache, cos, sin, cols, T, G) -> q
+        the attention's projection with RoPE applied to q and k and the K/V written into the
+        caches at each row's column, in the same kernel (one head per tile)
+
 The norm costs no extra pass: RMSNorm(x) w^T = r * ((x * g) w^T) with the row scalar
 r = rsqrt(mean(x^2) + eps), whose sum of squares accumulates while the matmul streams x.
 Everything after the matmul is computed in fp32 and rounded once (the unfused path rounds
@@ -88,7 +92,8 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
 
 def reference_decode_qkv(x: Tensor, w: Tensor, norm: Optional[nn.Module], k_cache: Tensor, v_cache: Tensor,
                          cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int) -> Tensor:
-    """The definition of ``decode_qkv`` with the model's ops (runners.split_qkv's arithmetic)."""
+    """The definition of ``decode_qkv`` with the model's ops (runners.project_qkv's arithmetic
+    and KVCache.attend's writes, on rows instead of (batch, query) pairs)."""
     from ..models.common import apply_rope
 
     M = x.shape[0]

@@ -66,14 +66,9 @@ def project_qkv(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[T
     cos/sin are (S, n) for a shared layout or (B, 1, S, n) for per-row positions.
     The plain RoPE is used even where the model would call liger's (same function).
     """
-    return split_qkv(attn, attn.wqkv(x), cos, sin)
-
-
-def split_qkv(attn: Attention, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``project_qkv`` after the projection: qkv (B, S, (Hq + 2 Hkv) * hd) -> q, k, v."""
-    B, S, _ = qkv.shape
+    B, S, _ = x.shape
     hd, g = attn.head_dim, attn.group
-    qkv = qkv.view(B, S, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
+    qkv = attn.wqkv(x).view(B, S, -1, (g + 2) * hd)  # (B, S, Hkv, (g+2)*hd)
     q, k, v = qkv.split([g * hd, hd, hd], dim=-1)
     q = q.reshape(B, S, -1, hd)  # (B, S, Hq, hd)
     if attn.q_norm is not None:
@@ -166,7 +161,13 @@ class KVCache(nn.Module):
         cols (B, T) first, then query (b, t) attends to columns [0, lengths[b, t]) (its own
         column included, so queries of one step see each other as their lengths say).
         n_cols: the cache's first n_cols columns only (every length lies within)."""
-        return attn_output(attn, self.attend_qkv(attn, attn.wqkv(x), cos, sin, cols, lengths, n_cols))
+        q, k, v = project_qkv(attn, x, cos, sin)  # (B, H, T, hd)
+        rows = _rows(cols)
+        # In place under torch.compile too (index_put_, see the module docstring).
+        self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
+        self.v[rows, :, cols] = v.transpose(1, 2)
+        keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
+        return attn_output(attn, decode_attention(q, keys, values, lengths))  # (B, Hq, T, hd) -> (B, T, D)
 
     def attend_fused(self, attn: Attention, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
                      lengths: Tensor, locks: Tensor, n_cols: Optional[int] = None) -> Tensor:
@@ -180,18 +181,6 @@ class KVCache(nn.Module):
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, hd)
         keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
         return decode_attention(q, keys, values, lengths)
-
-    def attend_qkv(self, attn: Attention, qkv: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, lengths: Tensor,
-                   n_cols: Optional[int] = None) -> Tensor:
-        """``attend`` from the projection qkv (B, T, (Hq + 2 Hkv) * hd) to the attention
-        heads (B, Hq, T, hd), before ``wo``."""
-        q, k, v = split_qkv(attn, qkv, cos, sin)  # (B, H, T, hd)
-        rows = _rows(cols)
-        # In place under torch.compile too (index_put_, see the module docstring).
-        self.k[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd) into [b, :, cols[b, t]]
-        self.v[rows, :, cols] = v.transpose(1, 2)
-        keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
-        return decode_attention(q, keys, values, lengths)  # (B, Hq, T, hd)
 
     @property
     def columns(self) -> int:
@@ -304,7 +293,8 @@ class Runner(nn.Module):
 
     def fuse_linears(self) -> list[bool]:
         """Run each decode step's linears as ``decode_linear`` kernels (CUDA): per block, norm +
-        wqkv, wo + residual, norm + w1|w3 + SwiGLU, w2 + residual; and norm + head. For blocks
+        wqkv + RoPE + K/V cache writes (``decode_qkv``), wo + residual, norm + w1|w3 + SwiGLU,
+        w2 + residual; and norm + head. For blocks
         of plain attention (no q/k norm) and SwiGLU weights that ``fuse_gate_up`` can fuse; the
         others keep the unfused ops. Off CUDA the same code runs the model's modules. Returns
         which layers are fused. Call before ``compile_step``."""
