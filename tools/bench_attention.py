@@ -365,21 +365,27 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
                                       None if res is None else res.float(), swiglu)
         default = linear_config(batch, N, K, swiglu, sms)
         print(json.dumps(base), json.dumps({"default_config": default}), flush=True)
+        def fused_row(cfg):
+            try:
+                out = launch_decode_linear(_decode_linear_kernel, x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
+                row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks, 1e-5, swiglu,
+                                                            cfg), **cfg, default=cfg == default,
+                    max_err_vs_fp32=float((out.float() - ref).abs().max()))
+            except Exception as e:  # e.g. out of shared memory or registers
+                rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
+
+        # tiles and split at 4 warps / 3 stages (the default's), then warps and stages for the best tiles
         for BN in (16, 32, 64, 128):
             for BK in (64, 128):
                 for split in (1, 2, 4):
-                    for warps, stages in ((4, 3), (8, 3)):
-                        cfg = dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, num_warps=warps, num_stages=stages)
-                        if split > 1 and K // split < BK:
-                            continue
-                        try:
-                            out = launch_decode_linear(_decode_linear_kernel, x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
-                            r = row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks,
-                                                                            1e-5, swiglu, cfg), **cfg,
-                                    default=cfg == default,
-                                    max_err_vs_fp32=float((out.float() - ref).abs().max()))
-                        except Exception as e:  # e.g. out of shared memory or registers
-                            rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
+                    if split == 1 or K // split >= BK:
+                        fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, num_warps=4, num_stages=3))
+        fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
+        tiles = {k: min(fused, key=lambda r: r["us"])[k] for k in ("BM", "BN", "BK", "SPLIT_K")}
+        for warps, stages in ((4, 2), (4, 4), (8, 3)):
+            fused_row(dict(tiles, num_warps=warps, num_stages=stages))
+        if default not in [{k: r[k] for k in default} for r in fused]:
+            fused_row(dict(default))
         fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
         best = min(fused, key=lambda r: r["us"])
         dflt = next((r for r in fused if r.get("default")), None)
