@@ -126,7 +126,9 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
     if use_kernel(x) and kernel_supports(x, w, norm) and qkv_kernel_supports(x, k_cache, cos):
         g = None if norm is None else norm.weight
         eps = 0.0 if norm is None else float(norm.eps)
-        return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G)
+        # the kernel reads the tables as dense (M, hd) rows and the columns as one per row
+        return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(),
+                                              cols.contiguous(), eps, T, G)
     return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G)
 
 
@@ -285,9 +287,9 @@ if triton is not None:
         if qkv is not None:
             k_cache, v_cache, cos, sin, cols, T, G = qkv
             hd = k_cache.shape[-1]  # one head per tile
-            cfg = dict(linear_config(M, N, K, swiglu, sms, BN=hd), **(config or {}), BN=hd)
+            cfg = {**linear_config(M, N, K, swiglu, sms, BN=hd), **(config or {}), "BN": hd}
         else:
-            cfg = dict(linear_config(M, N, K, swiglu, sms), **(config or {}))
+            cfg = {**linear_config(M, N, K, swiglu, sms), **(config or {})}
         BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
         k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each split: whole BK steps
         split = triton.cdiv(K, k_split)
