@@ -200,6 +200,18 @@ def check_model_matches(path: Path, current, meta: Optional[dict] = None) -> Non
                               f"shapes either)")
 
 
+def history_origin(resume: Optional[Path], run_dir: str | Path) -> Optional[dict]:
+    """Where the history a run continues began, stored in every checkpoint's meta.json as
+    ``origin``: None for a run started afresh (or from weights, checkpoint.init_from); the
+    checkpoint itself when resumed from another run directory's checkpoint; inherited when
+    resumed from one of its own."""
+    if resume is None:
+        return None
+    if resume.resolve().parent == checkpoint_root(run_dir).resolve():
+        return read_meta(resume).get("origin")
+    return {"path": str(resume.resolve()), "step": int(read_meta(resume)["step"])}
+
+
 def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
     """The verified checkpoint to resume from, None for a fresh start, or CheckpointError.
 
@@ -207,8 +219,10 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
     skipped with a warning; a corrupt newest one is an error, not a silent fallback).
     ``never``: a fresh start, refused if the run directory already holds complete
     checkpoints (new saves would collide with them). A path: that checkpoint, or the newest
-    complete one of a run directory; refused if this run directory holds complete
-    checkpoints newer than it (a later ``auto`` resume would mix the two histories).
+    complete one of a run directory. If this run directory holds complete checkpoints newer
+    than it: when they all descend from that checkpoint (their ``origin``, see
+    ``history_origin``), this is the same job requeued after a preemption and it continues
+    from the newest of them; otherwise refused (the two histories would mix).
     """
     run_dir = Path(run_dir)
     existing = complete_steps(run_dir)
@@ -216,8 +230,8 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
         if existing:
             raise CheckpointError(f"checkpoint.resume=never but {checkpoint_root(run_dir)} holds complete "
                                   f"checkpoints (steps {[s for s, _ in existing]}) that new saves would collide "
-                                  f"with; use a new job.run_dir, delete that directory, or resume "
-                                  f"(checkpoint.resume=auto)")
+                                  f"with; use a new job.run_dir, or resume (checkpoint.resume=auto, which is also "
+                                  f"what a job that Slurm requeues needs)")
         return None
     if resume == "auto":
         path = latest_complete(run_dir)
@@ -233,8 +247,16 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
             raise CheckpointError(f"checkpoint.resume={resume}: that run directory has no complete checkpoint")
         path = newest
     meta = verify_checkpoint(path)
-    newer = [s for s, p in existing if s > int(meta["step"]) and p.resolve() != path.resolve()]
+    newer = [(s, p) for s, p in existing if s > int(meta["step"]) and p.resolve() != path.resolve()]
+    origin = {"path": str(path.resolve()), "step": int(meta["step"])}
+    if newer and all(read_meta(p).get("origin") == origin for _, p in newer):
+        newest = newer[-1][1]  # this job, requeued: its own newest checkpoint
+        warnings.warn(f"checkpoint.resume={resume}: {checkpoint_root(run_dir)} already continues that checkpoint "
+                      f"(steps {[s for s, _ in newer]}); resuming from its newest, {newest}")
+        verify_checkpoint(newest)
+        return newest
     if newer:
+        newer = [s for s, _ in newer]
         raise CheckpointError(f"checkpoint.resume={resume} is at step {meta['step']} but {checkpoint_root(run_dir)} "
                               f"holds newer complete checkpoints (steps {newer}) that this run would overwrite or "
                               f"mix with; resume into a new job.run_dir, or move those checkpoints away")
@@ -468,8 +490,12 @@ class Checkpointer:
         train = state.get("train")
         if isinstance(train, TrainState):
             train.plan_rng_load(md)
+        from ..data.shards import DataError
+
         try:
             dcp.load(state, checkpoint_id=str(path))
+        except DataError:  # the checkpoint is fine; the data or stream settings changed (the caller says so)
+            raise
         except Exception as e:
             raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {e}; {_fix(path)}") from e
         finally:

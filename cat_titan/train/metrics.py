@@ -93,7 +93,8 @@ def step_time_stats(wall: float, times: list[float], n: int, lead: Optional[list
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger that only keeps time."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: str, total_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: str, total_steps: int,
+                 purge_after: int = 0):
         self.enabled = enabled
         self.total_steps = total_steps
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
@@ -102,7 +103,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # events of steps after purge_after (the step this run starts from) were logged by
+                # an interrupted attempt; this run logs them again
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_after + 1)
             except ImportError:  # tensorboard is a dependency; degrade with a note if absent
                 print("[metrics] tensorboard not installed: event files disabled", file=sys.stderr)
         interactive = sys.stdout.isatty()

@@ -40,7 +40,7 @@ from ..parallel.mesh import ParallelDims, build_parallel_dims
 from ..parallel.parallelize import (clip_divisor, clip_grad_norm_, compiled_graphs, grad_norm, loss_parallel_context,
                                     param_groups, parallelize, refuse_unsupported)
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
-                         load_model_weights, resolve_resume, shape_differences)
+                         history_origin, load_model_weights, read_meta, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
 from .metrics import MetricsLogger, mfu, peak_flops
 
@@ -147,6 +147,23 @@ def init_source(cfg: Config) -> Optional[Path]:
     return src if src.is_file() else resolve_checkpoint(src)
 
 
+# Settings that define the training sample stream: a resumed run must keep them (the data
+# itself is checked by its fingerprint when the loader's state is loaded).
+STREAM_KEYS = (("data", "seq_len"), ("training", "global_batch"), ("training", "seed"))
+
+
+def check_stream_matches(resume: Path, cfg: Config) -> None:
+    """Refuse, naming every key, a resume whose config changes the sample stream."""
+    saved = read_meta(resume).get("config", {})
+    diff = [f"{a}.{b}: checkpoint {saved[a][b]!r} vs config {getattr(getattr(cfg, a), b)!r}"
+            for a, b in STREAM_KEYS if b in saved.get(a, {}) and saved[a][b] != getattr(getattr(cfg, a), b)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {resume}: the run's sample stream would change ("
+                              + ", ".join(diff) + "). Set them back to the checkpoint's values, or start a new "
+                              f"job.run_dir with checkpoint.init_from={resume} (its weights; a fresh data stream "
+                              f"and optimizer)")
+
+
 def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
     """Every check that needs no process group, run before anything is created or written:
     the checkpoint to resume from (complete, not corrupt, same model shape) or the weights of
@@ -163,6 +180,7 @@ def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
         resume = resolve_resume(cfg.job.run_dir, cfg.checkpoint.resume)
         if resume is not None:
             check_model_matches(resume, args)
+            check_stream_matches(resume, cfg)
         elif (src := init_source(cfg)) is not None:  # a resumed run continues from its own checkpoint
             if src.is_dir():
                 check_model_matches(src, args)
@@ -244,7 +262,8 @@ class Trainer:
                 "data_fingerprint": self.train_data.fingerprint, "world_size": self.pdims.world,
                 "layout": {"dp_replicate": self.pdims.dp_replicate, "dp_shard": self.pdims.dp_shard,
                            "tp": self.pdims.tp, "fsdp": use_fsdp, "mixed_precision": self.mixed_precision},
-                "torch": torch.__version__, "cat_titan": __version__}
+                "torch": torch.__version__, "cat_titan": __version__,
+                "origin": history_origin(resume, self.run_dir)}
         # Host-side agreement (preemption flags, async-save completion) runs on a CPU group,
         # so nothing in the step loop waits for the GPU; async saves get their own (their
         # collectives run in a background thread, which must not interleave with ours).
@@ -261,15 +280,34 @@ class Trainer:
             except (CheckpointError, DataError) as e:  # nothing is written yet
                 raise ConfigError([f"cannot resume from {resume}: {e}"]) from e
             self.log(f"[checkpoint] resumed from {resume} at step {self.state.step}")
+            self._apply_optimizer_config(resume)
 
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            if resume is not None:
-                self._drop_metrics_after(self.state.step)
+            # Also on a fresh start: an attempt killed before its first checkpoint logged rows
+            # that this run logs again.
+            self._drop_metrics_after(self.state.step)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, cfg.metrics.tensorboard, cfg.metrics.progress,
-                                     t.steps)
+                                     t.steps, purge_after=self.state.step)
         self.peak = peak_flops(device)
+
+    def _apply_optimizer_config(self, resume: Path) -> None:
+        """A resumed optimizer comes back with the checkpoint's lr, betas, eps and weight decay;
+        the schedule's shape comes from this run's config. The config wins for all of them
+        (the config.yaml this run writes must say what it trains with); changes are logged."""
+        o = self.cfg.optimizer
+        old = read_meta(resume).get("config", {}).get("optimizer", {})
+        changed = [f"optimizer.{k} {old[k]} -> {getattr(o, k)}" for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
+                   if k in old and old[k] != getattr(o, k)]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for g in self.optimizer.param_groups:
+            g["initial_lr"], g["lr"] = o.lr, o.lr * factor
+            g["betas"], g["eps"] = (o.beta1, o.beta2), o.eps
+        self.optimizer.param_groups[0]["weight_decay"] = o.weight_decay  # param_groups(): [decay, no decay]
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        if changed:
+            self.log("[checkpoint] this run's config changes " + ", ".join(changed))
 
     def _stateful(self) -> dict:
         return {"app": ModelOptim(self.model, self.optimizer), "train": self.state}
@@ -312,7 +350,7 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
-            self.log(f"[checkpoint] metrics.jsonl: dropped {dropped} rows logged after step {step} by the "
+            self.log(f"[metrics] metrics.jsonl: dropped {dropped} rows logged after step {step} by an "
                      f"interrupted attempt")
 
     def log(self, msg: str) -> None:
@@ -398,10 +436,11 @@ class Trainer:
         if stop_now:
             self.check_nonfinite(loss=total, norm=norm)
         self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applied (step() moves to the next)
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += t.global_batch * self.cfg.data.seq_len
-        return {"loss": total, "grad_norm": norm, "chunk_sizes": sizes}
+        return {"loss": total, "grad_norm": norm, "chunk_sizes": sizes, "lr": lr}
 
     def check_nonfinite(self, loss: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None) -> int:
         """Steps skipped for a non-finite loss/gradient norm since the last check (a host sync).
@@ -515,7 +554,7 @@ class Trainer:
                 key = sizes[-1] if sizes else None
                 if key not in flops_cache:
                     flops_cache[key] = flops_per_token(self.model_args, cfg.data.seq_len, key)
-                row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                row = {"step": step, "loss": loss, "lr": out["lr"],
                        "grad_norm": float(out["grad_norm"]), "tokens_per_sec": tps,
                        "tokens_per_sec_per_device": tps / self.pdims.world,
                        "mfu": mfu(tps, flops_cache[key], self.peak, self.pdims.world),
@@ -580,7 +619,13 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(a.config, a.overrides)
         device, resume = preflight(cfg)
-        trainer = Trainer(cfg, device, resume, preemption)
+        from ..data.shards import DataError
+        from ..data.tokenizer import TokenizerError
+
+        try:
+            trainer = Trainer(cfg, device, resume, preemption)
+        except (DataError, TokenizerError) as e:  # data/tokenizer settings, found when opening them: not a crash
+            raise ConfigError([str(e)]) from e
         return trainer.run()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
