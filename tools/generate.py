@@ -79,10 +79,15 @@ def load_tokenizer(a, pre):
         tok = get_tokenizer(spec)
     except TokenizerError as e:
         raise UsageError(f"tokenizer {spec!r}: {e}") from e
-    padded = pre.model.args.padded_vocab_size
-    if tok.vocab_size > padded:
-        raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but the model's vocabulary holds {padded}; "
-                         f"pass the tokenizer the model was trained with (--tokenizer)")
+    # vocab_size, not padded_vocab_size: the padding rows were never trained (training refuses
+    # data with ids >= vocab_size), and an end-of-text id among them could never stop a row.
+    vocab = pre.model.args.vocab_size
+    if tok.vocab_size > vocab:
+        fix = (f"drop --tokenizer to use the one it was trained with ({pre.tokenizer_spec!r}, recorded in its metadata)"
+               if a.tokenizer and pre.tokenizer_spec else
+               "pass the tokenizer the model was trained with (--tokenizer; its run's meta.json records it)")
+        raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but the model's vocab_size is {vocab}: "
+                         f"ids >= {vocab} would index untrained embedding rows; {fix}")
     return tok
 
 
@@ -156,8 +161,8 @@ def run(a) -> int:
     tok = load_tokenizer(a, pre)
     C = check_chunk_size(model, a.chunk_size)
     ids = encode_prompts(a, tok, prompts, model.args.block_size)
-    vocab = min(tok.vocab_size, model.args.vocab_size)
-    eos = tok.eot_id if tok.eot_id < vocab else None
+    vocab = tok.vocab_size  # <= the model's (load_tokenizer); larger ids could not be decoded
+    eos = tok.eot_id
     gen = torch.Generator(device=device).manual_seed(a.seed)
     kw = dict(chunk_size=a.chunk_size, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_id=eos,
               generator=gen, vocab_size=vocab)

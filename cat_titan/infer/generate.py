@@ -17,7 +17,8 @@ keeps computing (static batch) but its tokens are no longer part of the output, 
 loop ends once every row has stopped.
 
 Cache sizes (per layer, columns of K/V; see runners.py): dense ``P + n`` (longest prompt +
-new tokens); CAT ``(L // C + 1) * (2 if adaptive else 1) + C (+1)`` for L = P + n.
+new tokens); for L = P + n, CAT ``L // C + 1 + C`` (slots fx_0..fx_k, the current chunk),
+adaptive CAT ``L // C + 1 + 1 + C + 1`` (also a separator and a scratch column).
 
 Compilation: ``compile=True`` (or a torch.compile mode, e.g. 'reduce-overhead' for CUDA
 graphs, or 'graphs' for CUDA graphs the runner captures itself, see

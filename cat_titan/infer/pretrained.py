@@ -110,13 +110,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
 
 
 def trained_chunk_sizes(pre: Pretrained) -> list[Optional[int]]:
-    """The chunk sizes to evaluate a model at: an adaptive CAT's curriculum sizes (all its
-    valid sizes if the run's curriculum is unknown); [None] for every other kind."""
+    """The chunk sizes to evaluate a model at: those an adaptive CAT's training curriculum
+    drew (all its valid sizes if the run's curriculum is unknown); [None] for every other kind.
+    Raises ``ConfigError`` (a ValueError) for a recorded curriculum that does not parse."""
     args = pre.model.args
     if args.kind != "cat_adaptive":
         return [None]
-    cur = pre.section("curriculum")
-    lo = cur.get("min_chunk_size") or 1
-    hi = cur.get("max_chunk_size") or args.chunk_size
-    sizes = [c for c in args.chunk_sizes if lo <= c <= hi]
-    return sizes or list(args.chunk_sizes)
+    if not pre.section("curriculum"):
+        return list(args.chunk_sizes)
+    from .. import confutil
+    from ..config import CurriculumConfig
+    from ..train.curriculum import build_curriculum
+
+    # The trainer's own schedule, so that evaluation cannot claim a size training never drew.
+    cfg = confutil.from_dict(CurriculumConfig, pre.section("curriculum"), path="curriculum")
+    cur = build_curriculum(args, cfg, seed=0)
+    if cur.kind == "fixed":
+        return [cur.chunk_size(0)]  # one size, every step
+    if cur.probs is not None:  # kind=weights: a size of weight 0 is never drawn
+        return [c for c, p in zip(cur.sizes, cur.probs) if p > 0]
+    return list(cur.sizes)

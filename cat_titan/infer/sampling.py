@@ -43,10 +43,16 @@ def sample(logits: Tensor, params: SamplingParams, vocab_size: int,
     logits = logits[:, :vocab_size].float()  # (B, V)
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    # Shifting the row max to 0 first leaves nothing that can overflow to +inf (or give
+    # inf - inf = NaN in softmax) for a tiny T: the max stays 0 and the rest go to -inf.
+    # T is clamped at float32's smallest normal, since below ~1e-45 it would round to 0 (0/0).
+    t = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
     if params.top_k is not None and params.top_k < vocab_size:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Mask through topk's indices: exactly k tokens survive, however many tie with the k-th.
+        top = logits.topk(params.top_k, dim=-1).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if params.top_p is not None and params.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)

@@ -1,10 +1,17 @@
 """The chunk-start split of the validation loss: the two parts recombine to the trainer's loss
-(the model's labels path), and a hand count of which targets open a chunk. float32, 1e-5."""
+(the model's labels path), and a hand count of which targets open a chunk. float32, 1e-5.
+The chunk sizes evaluated by default are exactly those the training curriculum drew."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from cat_titan.infer.evaluate import chunk_start_losses, markdown_table, validation_loss
+from cat_titan import confutil
+from cat_titan.config import CurriculumConfig
+from cat_titan.infer.evaluate import EvalConfig, chunk_start_losses, eval_chunk_sizes, markdown_table, validation_loss
+from cat_titan.infer.pretrained import Pretrained
+from cat_titan.train.curriculum import build_curriculum
 
 from .util import debug_model
 
@@ -33,3 +40,25 @@ def test_markdown_table_shows_the_split_for_cat_rows_only():
     assert "chunk starts / rest" in md[0]
     assert "| d | dense | - | 1.0000 | 2.700 | - |" in md[2]
     assert "| c | cat | 8 | 2.0000 | 7.400 | 3.250 / 1.875 |" in md[3]
+
+
+@pytest.mark.parametrize("curriculum,want", [
+    ({}, [1, 2, 4, 8]),  # unknown curriculum: every size the model accepts
+    ({"kind": "uniform", "min_chunk_size": 2}, [2, 4, 8]),
+    ({"kind": "round_robin", "min_chunk_size": 2, "max_chunk_size": 4}, [2, 4]),
+    ({"kind": "fixed"}, [8]),  # only the largest size is ever trained
+    ({"kind": "fixed", "max_chunk_size": 4}, [4]),
+    ({"kind": "weights", "weights": [0.0, 1.0, 0.0, 2.0]}, [2, 8]),  # weight 0: never drawn
+], ids=["unknown", "uniform", "round_robin", "fixed", "fixed-max4", "weights"])
+def test_evaluated_chunk_sizes_are_the_trained_ones(curriculum, want):
+    model = debug_model("debug-cat-adaptive")  # chunk_size 8
+    config = {"curriculum": curriculum} if curriculum else {}
+    pre = Pretrained(model=model, path=Path("m.safetensors"), tokenizer_spec="byte", train_config=config)
+    assert eval_chunk_sizes(pre, EvalConfig()) == want
+    if curriculum:  # what the trainer's schedule draws, over steps and micro-steps
+        cur = build_curriculum(model.args, confutil.from_dict(CurriculumConfig, curriculum), seed=0)
+        drawn = {cur.chunk_size(s, m, accum_steps=2) for s in range(200) for m in range(2)}
+        assert sorted(drawn) == want
+    fixed = Pretrained(model=debug_model("debug-cat"), path=Path("c.safetensors"), tokenizer_spec="byte",
+                       train_config=config)
+    assert eval_chunk_sizes(fixed, EvalConfig()) == [None]

@@ -143,6 +143,38 @@ def test_sampling_reproducible_and_degenerate_filters_are_greedy():
     assert hot != greedy
 
 
+def test_tiny_temperatures_are_greedy():
+    # logits / T overflows float32 for T below ~1e-38 (and T itself rounds to 0 below ~1e-45):
+    # every valid temperature must still give finite probabilities, here all on the argmax.
+    model = debug_model("debug-cat-layer")
+    prompts = _prompts((4, 13), seed=9)
+    greedy = generate(model, prompts, N_NEW)
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(), dict(top_k=5), dict(top_p=0.9)):
+        for t in (1e-30, 1e-40, 1e-50, 5e-324):
+            assert generate(model, prompts, N_NEW, temperature=t, generator=g, **kw) == greedy, (t, kw)
+
+
+def test_top_k_keeps_exactly_k_tokens_on_ties():
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    # ten tokens tied at the k-th largest logit (as bf16 logits often are): exactly k survive
+    tied = torch.tensor([3.0] + [1.0] * 10 + [0.0]).expand(n, 12).contiguous()
+    for k in (1, 2, 4):
+        t = sample(tied, SamplingParams(temperature=1.0, top_k=k), 12, g)
+        assert t.unique().numel() == k, (k, torch.bincount(t, minlength=12).tolist())
+    # top_k=1 with two tokens tied at the top: one token, always (greedy), not a coin flip
+    top_tie = torch.tensor([2.0, 2.0, 1.0, 0.0]).expand(n, 4).contiguous()
+    t = sample(top_tie, SamplingParams(temperature=1.0, top_k=1), 4, g)
+    assert t.unique().numel() == 1 and int(t[0]) in (0, 1)
+    # bf16-rounded logits of a large vocabulary: every row draws only from its own top k
+    logits = (torch.randn(64, 32000, generator=g) * 3).bfloat16().float()
+    top = logits.topk(50, dim=-1).indices  # (64, 50)
+    for _ in range(20):
+        t = sample(logits, SamplingParams(temperature=5.0, top_k=50), 32000, g)
+        assert (top == t[:, None]).any(-1).all()
+
+
 def test_sampler_distribution_and_filters():
     n = 40000
     probs = torch.tensor([0.5, 0.3, 0.2])

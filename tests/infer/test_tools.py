@@ -3,6 +3,7 @@ evaluates three tiny models once per module; tools/generate.py and tools/evaluat
 on those exported files. CLIs run in-process through their main() (subprocess start-up costs
 seconds), except one real subprocess per tool."""
 
+import base64
 import csv
 import gzip
 import importlib.util
@@ -138,6 +139,13 @@ def test_generate_cli_subprocess_and_errors(study, capsys, tmp_path):
     assert proc.stdout == f"=== [1/2] ===\n{want[0]}\n\n=== [2/2] ===\n{want[1]}\n"
     assert "tokens/s" in proc.stderr
 
+    # a tokenizer with more tokens (300) than the model was trained on (257): its end-of-text id 299
+    # would be an untrained padding row, and stopping at end-of-text would be off
+    big = tmp_path / "big.tiktoken"
+    ranks = [bytes([i]) for i in range(256)] + [bytes([97 + i % 26, 97 + i // 26]) for i in range(43)]
+    big.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    assert get_tokenizer(str(big)).vocab_size == 300
+
     gen = _tool("generate")
     cases = [
         ([str(tmp_path / "missing.safetensors"), "--prompt", "x"], "no such file"),
@@ -147,6 +155,8 @@ def test_generate_cli_subprocess_and_errors(study, capsys, tmp_path):
         ([str(path), "--prompt", "y" * 250, "--max-new-tokens", "10"], "block_size 256"),
         ([str(path)], "no prompt given"),
         ([str(path), "--prompt", "x", "--tokenizer", "nope"], "unknown tokenizer spec"),
+        ([str(path), "--prompt", "x", "--max-new-tokens", "5", "--tokenizer", str(big)],
+         "has 300 tokens but the model's vocab_size is 257"),
     ]
     for argv, message in cases:
         assert gen.main(argv) == 2, argv
