@@ -221,8 +221,20 @@ class Config:
         for name in ("steps", "global_batch", "micro_batch"):
             if getattr(t, name) <= 0:
                 errs.append(f"training.{name}={getattr(t, name)} must be positive")
-        if t.gc_interval < 0:
-            errs.append(f"training.gc_interval={t.gc_interval} must be >= 0 (0: Python's automatic collection)")
+        # 0 has a documented meaning for these; a negative value was silently misread (interval -1
+        # saved every step, keep_every -2 acted like 2) or crashed later (num_workers -1).
+        for key, value, zero in (("training.gc_interval", t.gc_interval, "Python's automatic collection"),
+                                 ("training.eval_interval", t.eval_interval, "only at the end"),
+                                 ("checkpoint.interval", self.checkpoint.interval, "only at the end"),
+                                 ("checkpoint.keep_every", self.checkpoint.keep_every, "off"),
+                                 ("data.num_workers", d.num_workers, "load in the training process")):
+            if value < 0:
+                errs.append(f"{key}={value} must be >= 0 (0: {zero})")
+        if t.eval_batches < 1:  # the validation loss is a mean over them: none gives nan
+            errs.append(f"training.eval_batches={t.eval_batches} must be >= 1 (batches averaged into the "
+                        f"validation loss)")
+        if d.corpus_max_bytes is not None and d.corpus_max_bytes <= 0:  # 0 would select no file at all
+            errs.append(f"data.corpus_max_bytes={d.corpus_max_bytes} must be positive, or null for the whole corpus")
         if d.seq_len <= 0:
             errs.append(f"data.seq_len={d.seq_len} must be positive")
         elif d.seq_len > m.block_size:

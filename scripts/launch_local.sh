@@ -7,7 +7,8 @@
 #
 # Knobs: NPROC (processes; default: visible GPUs, else 1), CAT_TITAN_PYTHON (default
 # .venv/bin/python, else python3), CAT_TITAN_TORCHRUN_ARGS (extra torchrun options).
-# Exit status as train.py's: 0 finished, 2 bad config, 75 stopped after saving a checkpoint
+# Exit status as train.py's: 0 finished, 2 bad config, 3 stopped on a non-finite loss
+# (training.nonfinite=stop), 75 stopped after saving a checkpoint
 # (run the same command again to resume). To stop with a checkpoint, signal the whole
 # process group: kill -USR1 -- -PGID (or SIGTERM to torchrun, which forwards it; the ranks
 # save, and torchrun then exits 143).

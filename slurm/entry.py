@@ -2,9 +2,10 @@
 """Launch helpers for slurm/train.sbatch and scripts/launch_local.sh.
 
     python slurm/entry.py check --config F.yaml [key=value ...]
-        Validates the config the way train.py will (WORLD_SIZE from the environment) and
-        prints the absolute run directory. Exit 2 with every problem listed on a bad
-        config, so a batch job fails before it starts processes on every node.
+        Validates the config the way train.py will (WORLD_SIZE from the environment), including
+        train.py's checks against the run directory (the checkpoint to resume, collisions,
+        model shape; it reads, never writes), and prints the absolute run directory. Exit 2
+        with the problems listed, so a batch job fails before it starts processes on every node.
 
     python slurm/entry.py torchrun [torchrun arguments] train.py --config F.yaml ...
         torchrun (torch.distributed.run, same arguments), with two changes that a
@@ -38,6 +39,7 @@ def check(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     from cat_titan.config import load_config
     from cat_titan.confutil import ConfigError
+    from cat_titan.train.trainer import preflight_checkpoint
 
     p = argparse.ArgumentParser(prog="entry.py check")
     p.add_argument("--config")
@@ -45,6 +47,10 @@ def check(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
+        # train.py's checks of the run directory (resume target and collisions, model shape and
+        # sample stream against the checkpoint): read-only. Not its device checks: this batch
+        # host's devices need not be the trainers'.
+        preflight_checkpoint(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

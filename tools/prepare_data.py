@@ -5,6 +5,8 @@
 INPUTS are text files, folders of them (recursive), .jsonl / .jsonl.gz files (one JSON object
 a line) and .parquet files. The result is DIR/manifest.json plus train_*.bin / val_*.bin; see
 cat_titan/data/shards.py for the format. Bad inputs exit with status 2 and leave DIR untouched.
+--overwrite replaces DIR only if it is prepared data (manifest.json and shard files, nothing else):
+any other directory, a training run's above all, is refused with status 2.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_VAL_FRACTION,
         help="share of whole documents held out for validation",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out that holds prepared data (never any other directory)",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = prepare_corpus(

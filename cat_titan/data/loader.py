@@ -209,6 +209,10 @@ class TokenLoader:
                 sampler=_Starts(first, self.dp_world * self.micro_batch),
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
+                # Every iterator draws a base seed (for its workers) from this generator; by
+                # default that is torch's global one, which checkpoints save for exact resume,
+                # and a resumed loader starts one iterator more than the run it continues.
+                generator=torch.Generator().manual_seed(self.seed),
             )
         )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,8 +129,38 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+_SHARD_FILE = re.compile(r"(?:train|val)_\d{5}\.bin")
+
+
+def _not_prepared_data(path: Path) -> str | None:
+    """Why ``path`` (a non-empty directory) is not one that ``write_shards`` wrote, or None.
+
+    Overwriting deletes the old directory, so only a prepared data directory qualifies: shard
+    files and (unless its preparation stopped before the end) a cat_titan shard manifest,
+    nothing else. A run directory or a directory of inputs is left to the user to delete.
+    """
+    if (path / MANIFEST).exists():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return f"its {MANIFEST} is unreadable"
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            return f"its {MANIFEST} is not a cat_titan shard manifest"
+    foreign = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name != MANIFEST
+        and not (_SHARD_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
+    )
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return f"it also holds {', '.join(foreign[:5])}{more}"
+    return None
+
+
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output that exists and is not an empty directory (unless overwriting)."""
+    """Refuse an output that exists and is not an empty directory, unless overwriting a
+    prepared data directory (see ``_not_prepared_data``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory; choose another output")
@@ -137,6 +168,12 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise DataError(
             f"output directory {out} exists and is not empty; pass --overwrite (overwrite=True) "
             "to replace it, or choose another output"
+        )
+    if _is_nonempty_dir(out) and (why := _not_prepared_data(out)):
+        raise DataError(
+            f"{out} is not a prepared data directory ({why}), and --overwrite (overwrite=True) "
+            "replaces only those; choose another output, or delete it yourself if nothing in it "
+            "is needed"
         )
     return out
 

@@ -44,7 +44,9 @@ from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, 
 from .curriculum import build_curriculum
 from .metrics import MetricsLogger, mfu, peak_flops
 
-EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
+# 3: stopped on a non-finite loss or gradient norm (training.nonfinite=stop). Not a crash to
+# retry: a requeued job resumes from the checkpoint before it and meets the same divergence.
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 75
 
 
 class NonFiniteError(RuntimeError):
@@ -166,15 +168,21 @@ def check_stream_matches(resume: Path, cfg: Config) -> None:
 
 def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
     """Every check that needs no process group, run before anything is created or written:
-    the checkpoint to resume from (complete, not corrupt, same model shape) or the weights of
-    checkpoint.init_from (same model shape)."""
-    from ..export import ExportError, exported_model_args
-
+    what the device cannot run, then ``preflight_checkpoint``."""
     device = resolve_device(cfg)
     problem = refuse_unsupported(device.type, cfg.parallelism.tp, cfg.training.compile,
                                  cfg.training.activation_checkpoint)
     if problem:
         raise ConfigError([problem])
+    return device, preflight_checkpoint(cfg)
+
+
+def preflight_checkpoint(cfg: Config) -> Optional[Path]:
+    """The checkpoint to resume from (complete, not corrupt, same model shape and sample
+    stream) or the weights of checkpoint.init_from (same model shape); reads files only, on
+    any machine (slurm/entry.py check runs it on the batch host, whose devices may differ)."""
+    from ..export import ExportError, exported_model_args
+
     args = cfg.model.args()
     try:
         resume = resolve_resume(cfg.job.run_dir, cfg.checkpoint.resume)
@@ -193,7 +201,7 @@ def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
                         + "); use the file's model settings")
     except (CheckpointError, ExportError) as e:
         raise ConfigError([str(e)]) from e
-    return device, resume
+    return resume
 
 
 class Trainer:
@@ -630,6 +638,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteError as e:  # the weights in memory and in every checkpoint are the last good step's
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     finally:
         preemption.close()
         if owns_group and dist.is_initialized():

@@ -94,6 +94,20 @@ def test_resume_reproduces_the_next_batches(data_dir, num_workers, resume_at):
     assert all(torch.equal(a, b) for a, b in zip(first.next_batch(), expected[resume_at]))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_leaves_the_global_rng_alone(data_dir, num_workers):
+    """Checkpoints save torch's global generator for exact resume; the loader, and the iterator
+    it starts again after load_state_dict, must not draw from it (as DataLoader's default did)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = TokenLoader(data_dir, seq_len=SEQ, global_batch=GB, micro_batch=4, num_workers=num_workers)
+    for _ in range(3):
+        loader.next_batch()
+    loader.load_state_dict(_roundtrip(loader.state_dict()))  # what a resume does
+    loader.next_batch()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_state_restores_under_another_dp_world(data_dir):
     original = _ranks(data_dir, 2, 4)
     for _ in range(20):

@@ -4,6 +4,9 @@ and the config check that train.sbatch runs before starting any node."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ def test_node_status(codes, status):
 
 def test_check_prints_run_dir_and_rejects_bad_configs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)  # check reads the run directory: the config's default is relative
     config = str(ROOT / "configs" / "debug_cat.yaml")
     assert entry.main(["check", "--config", config, f"job.run_dir={tmp_path / 'run'}", "training.global_batch=8",
                        "training.micro_batch=4"]) == 0
@@ -46,3 +50,31 @@ def test_check_prints_run_dir_and_rejects_bad_configs(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "training.steps" in err and "no_such" in err, err  # every problem at once
     assert entry.main(["bogus"]) == 2
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_check_runs_train_preflight_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """What train.py refuses before any process group (a resume collision, a model shape other
+    than the run's checkpoint) fails the check too, with exit 2, so no node is started."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / "debug_dense.yaml"), f"job.run_dir={run}", "training.steps=1",
+            "data.seq_len=64", "training.global_batch=2", "training.micro_batch=2", "training.sample_tokens=0",
+            "metrics.tensorboard=false", "data.corpus_max_bytes=20000"]
+    env = {**os.environ, "CAT_TITAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and (run / "checkpoints" / "step-1").is_dir(), r.stderr
+    before = _snapshot(run)
+    for extra, says in [("checkpoint.resume=never", "checkpoint.resume=never but"),
+                        ("model.n_layers=5", "model.n_layers: checkpoint 2 vs config 5")]:
+        assert entry.main(["check", *args, extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err, err
+    assert entry.main(["check", *args]) == 0  # checkpoint.resume=auto continues the run
+    assert capsys.readouterr().out.strip() == str(run.resolve())
+    assert _snapshot(run) == before  # checking writes nothing

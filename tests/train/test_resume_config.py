@@ -121,3 +121,13 @@ def test_unusable_data_settings_exit_2_before_the_run_dir_is_written(tmp_path, c
     assert train(run, override.format(tmp=tmp_path)) == 2
     assert says in capsys.readouterr().err
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+def test_divergence_under_nonfinite_stop_exits_3(tmp_path, capsys):
+    """An lr of 1e6 overflows the loss within a few steps; the run stops with status 3 (Slurm
+    does not requeue it: resuming would meet the same divergence), naming the step."""
+    run = tmp_path / "run"
+    assert train(run, "optimizer.lr=1e6", "schedule.warmup_steps=1", "training.nonfinite=stop",
+                 "checkpoint.interval=0", steps=20) == 3
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "training.nonfinite=skip" in err
