@@ -810,9 +810,11 @@ def dump_yaml(
     lines: list[str] = []
     _emit(obj, 0, lines, comments)
     text = "\n".join(lines) + "\n"
-    if path is not None:
-        with open(path, "w", encoding="utf-8") as fh:
+    if path is not None:  # write-then-rename: a full disk or a kill never leaves half a config
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.replace(tmp, path)
     return text
 
 
