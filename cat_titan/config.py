@@ -150,7 +150,9 @@ class CurriculumConfig:
     weights: list[float] = field(default_factory=list)
     """kind=weights: one weight per chunk size from min to max, ascending."""
     per: Literal["step", "micro_step"] = "step"
-    """Draw a new chunk size per optimizer step or per micro-batch."""
+    """Draw a new chunk size per optimizer step or per micro-batch (micro_step: the same size on
+    every rank at a time, so the schedule depends on the micro-steps per step, i.e. on the
+    data-parallel layout)."""
 
     def validate(self) -> list[str]:
         errs = []

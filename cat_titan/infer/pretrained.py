@@ -124,9 +124,4 @@ def trained_chunk_sizes(pre: Pretrained) -> list[Optional[int]]:
 
     # The trainer's own schedule, so that evaluation cannot claim a size training never drew.
     cfg = confutil.from_dict(CurriculumConfig, pre.section("curriculum"), path="curriculum")
-    cur = build_curriculum(args, cfg, seed=0)
-    if cur.kind == "fixed":
-        return [cur.chunk_size(0)]  # one size, every step
-    if cur.probs is not None:  # kind=weights: a size of weight 0 is never drawn
-        return [c for c, p in zip(cur.sizes, cur.probs) if p > 0]
-    return list(cur.sizes)
+    return build_curriculum(args, cfg, seed=0).drawn_sizes

@@ -1,7 +1,11 @@
 """Chunk-size schedule for adaptive CATs.
 
 The chunk size of a (step, micro-step) is a pure function of (seed, step, micro-step): every
-rank computes the same sequence without communicating, and a resumed run continues it.
+rank computes the same sequence without communicating, and a resumed run continues it. With
+per=micro_step the micro-step index is the rank's own: all ranks run one size at a time (no
+rank waits for another's slower size), so the schedule depends on the number of micro-steps
+per step (global_batch / (micro_batch x data-parallel ranks)); a resume that changes it
+continues with another schedule, and says so.
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ class ChunkCurriculum:
             return self.sizes[index % len(self.sizes)]
         rng = np.random.default_rng([self.seed, 0xC4A7, step, micro])
         return int(rng.choice(self.sizes, p=self.probs))
+
+    @property
+    def drawn_sizes(self) -> list[int]:
+        """The sizes this schedule ever draws (what evaluation and sampling should use): the
+        largest only for kind=fixed, none of weight 0 for kind=weights."""
+        if self.kind == "fixed":
+            return [self.sizes[-1]]
+        if self.probs is not None:
+            return [c for c, p in zip(self.sizes, self.probs) if p > 0]
+        return list(self.sizes)
 
     def state_dict(self) -> dict:
         """Stateless by design: recorded so a resume can check the schedule is unchanged."""

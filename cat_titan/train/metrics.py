@@ -11,20 +11,23 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets); used for MFU.
 T = TypeVar("T")
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s per device (vendor datasheets); used for MFU. Matched as substrings of
+# the device name, first match wins: the PCIe and NVL parts before their SXM namesakes.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> Optional[float]:
+    """The table's peak for a device name (None if it is not in the table)."""
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: Optional[float], devices: int = 1) -> Optional[float]:
@@ -83,6 +86,7 @@ def host_lead(host_done: list[float], device_done: list[float]) -> list[float]:
 def step_time_stats(wall: float, times: list[float], n: int, lead: Optional[list[float]] = None) -> dict:
     """The step-time spread the benchmarks report (seconds), every step's time, and (CUDA)
     the host's lead over the device at the step ends."""
+    times = times or [wall / n]  # CUDA, one step: no interval between step ends
     stats = {"step_s_mean": wall / n, "step_s_median": statistics.median(times), "step_s_min": min(times),
              "step_s_max": max(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))], "step_s": times}
     if lead is not None:

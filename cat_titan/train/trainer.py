@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -289,6 +290,7 @@ class Trainer:
                 raise ConfigError([f"cannot resume from {resume}: {e}"]) from e
             self.log(f"[checkpoint] resumed from {resume} at step {self.state.step}")
             self._apply_optimizer_config(resume)
+            self._warn_if_schedule_moves(resume)
 
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +318,21 @@ class Trainer:
         self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
         if changed:
             self.log("[checkpoint] this run's config changes " + ", ".join(changed))
+
+    def _warn_if_schedule_moves(self, resume: Path) -> None:
+        """curriculum.per=micro_step draws per (step, micro-step): another number of micro-steps
+        per step (another data-parallel layout or micro_batch) continues with another schedule."""
+        if self.curriculum is None or self.curriculum.per != "micro_step":
+            return
+        meta = read_meta(resume)
+        t, layout = meta.get("config", {}).get("training", {}), meta.get("layout", {})
+        dp = layout.get("dp_replicate", 1) * layout.get("dp_shard", 1)
+        if "micro_batch" in t and "global_batch" in t:
+            before = t["global_batch"] // (t["micro_batch"] * dp)
+            if before != self.accum:
+                self.log(f"[warning] curriculum.per=micro_step: the checkpoint ran {before} micro-steps per step, "
+                         f"this run {self.accum}; from here the chunk sizes differ from the uninterrupted run's "
+                         f"(keep the layout and micro_batch, or use curriculum.per=step, for the same schedule)")
 
     def _stateful(self) -> dict:
         return {"app": ModelOptim(self.model, self.optimizer), "train": self.state}
@@ -481,7 +498,7 @@ class Trainer:
             self.log(f"[eval] skipped: {e}")
             return {}
         self.model.eval()
-        sizes = self.curriculum.sizes if self.curriculum else [None]
+        sizes = self.curriculum.drawn_sizes if self.curriculum else [None]  # not a size training never ran
         out = {}
         for c in sizes:
             total = torch.zeros((), device=self.device)
@@ -510,6 +527,8 @@ class Trainer:
         vocab = min(tok.vocab_size, self.model_args.vocab_size)  # the model may pad beyond the tokenizer
         self.model.eval()
         seq_len = self.cfg.data.seq_len
+        # adaptive CATs: the largest size training drew (the model's own default may never have been)
+        kw = {"chunk_size": max(self.curriculum.drawn_sizes)} if self.curriculum else {}
         for _ in range(t.sample_tokens):
             window = ids[:, -seq_len:]
             n = window.shape[1]
@@ -519,7 +538,7 @@ class Trainer:
             bucket = min(seq_len, max(64, 1 << (n - 1).bit_length()))
             padded = torch.nn.functional.pad(window, (0, max(0, bucket - n)))
             with self.autocast():
-                nxt = self.model(padded)[:, n - 1, :vocab].argmax(-1, keepdim=True)
+                nxt = self.model(padded, **kw)[:, n - 1, :vocab].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         self.model.train()
         return tok.decode(ids[0].tolist())
@@ -543,11 +562,12 @@ class Trainer:
         self.log(f"training {self.model_args.kind} ({self.model.num_params() / 1e6:.2f}M parameters) for "
                  f"{t.steps} steps on {self.pdims.world} x {self.device.type} (dp {self.pdims.dp}, "
                  f"accumulation {self.accum}, mixed precision {self.mixed_precision}), run dir {self.run_dir}")
-        window_t, window_steps = time.time(), 0
+        window_t, window_steps, window_sizes = time.time(), 0, []
         flops_cache: dict = {}
         while self.state.step < t.steps:
             out = self.train_step()
             window_steps += 1
+            window_sizes += out["chunk_sizes"]  # None for non-adaptive models
             step = self.state.step
             if step % cfg.metrics.log_interval == 0 or step == t.steps:
                 loss = self._mean_over_dp(out["loss"])
@@ -560,12 +580,16 @@ class Trainer:
                 tps = window_steps * t.global_batch * cfg.data.seq_len / dt
                 sizes = [c for c in out["chunk_sizes"] if c is not None]
                 key = sizes[-1] if sizes else None
-                if key not in flops_cache:
-                    flops_cache[key] = flops_per_token(self.model_args, cfg.data.seq_len, key)
+                for c in set(window_sizes):
+                    if c not in flops_cache:
+                        flops_cache[c] = flops_per_token(self.model_args, cfg.data.seq_len, c)
+                # every micro-step has the same tokens: the window's FLOPs per token are the mean
+                # over its micro-steps' chunk sizes (adaptive CATs: up to ~3x apart)
+                flops = statistics.mean(flops_cache[c] for c in window_sizes)
                 row = {"step": step, "loss": loss, "lr": out["lr"],
                        "grad_norm": float(out["grad_norm"]), "tokens_per_sec": tps,
                        "tokens_per_sec_per_device": tps / self.pdims.world,
-                       "mfu": mfu(tps, flops_cache[key], self.peak, self.pdims.world),
+                       "mfu": mfu(tps, flops, self.peak, self.pdims.world),
                        "tokens_seen": self.state.tokens_seen, "start_step": start_step}
                 if self.curriculum is not None:
                     row["chunk_size"] = key
@@ -578,7 +602,7 @@ class Trainer:
                 if skipped:
                     row["skipped_steps"] = skipped
                 self.metrics.log(row)
-                window_t, window_steps = time.time(), 0
+                window_t, window_steps, window_sizes = time.time(), 0, []
             else:
                 self.metrics.show_progress(step, float("nan"))
             if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:

@@ -56,3 +56,18 @@ def test_cuda_host_lead_tells_a_device_bound_step_from_a_host_bound_one():
     torch.cuda.synchronize()
     _, _, _, lead = time_steps(host_bound, 6, dev)
     assert max(lead) < 0.005  # each step's work ended right after the host queued it
+
+
+def test_peak_flops_table_tells_pcie_and_nvl_parts_from_sxm():
+    from cat_titan.train.metrics import peak_flops_of
+
+    assert peak_flops_of("NVIDIA H200") == 989e12 and peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12  # datasheet dense bf16
+    assert peak_flops_of("NVIDIA H100 NVL") == 835e12 and peak_flops_of("NVIDIA H200 NVL") == 835e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops_of("Some GPU") is None
+
+
+def test_step_stats_of_a_single_cuda_step():
+    # on CUDA one timed step has no interval between step ends: its wall time stands in
+    stats = step_time_stats(0.25, [], 1, [0.1])
+    assert stats["step_s_median"] == stats["step_s_min"] == stats["step_s_max"] == 0.25
