@@ -231,6 +231,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         args, sd, _ = read_exported(path)
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+    # The attention backend and fused ops are how the training machine ran the model, not what
+    # it is: chosen again for this device (a run trained with fused_ops=on loads on a CPU
+    # without liger-kernel; same weights, same function).
+    args = args.replace(attn_backend="auto", fused_ops="auto")
     model = build_model(args, device="meta", runtime_device=device)
     model.to_empty(device=device)
     model.load_state_dict(sd, strict=True)

@@ -115,6 +115,29 @@ def test_export_round_trip_reproduces_training_logits(trained, tmp_path, one_thr
         assert torch.equal(p.to(torch.bfloat16), q), name
 
 
+def test_a_file_trained_with_gpu_runtime_settings_loads_for_this_device(trained, tmp_path, one_thread):
+    """model_args records how the training machine ran the model (flex attention, liger fused
+    ops); a CPU loads the same weights with its own choices and computes the same logits."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import cat_titan
+    from cat_titan.export import export
+
+    root, logits = trained
+    plain, gpu = tmp_path / "plain.safetensors", tmp_path / "gpu.safetensors"
+    export(root / "cat_adaptive", plain)
+    with safe_open(str(plain), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    args = json.loads(meta["model_args"])
+    meta["model_args"] = json.dumps({**args, "attn_backend": "flex", "fused_ops": "on"})
+    save_file(tensors, str(gpu), metadata=meta)
+    model = cat_titan.load_pretrained(gpu)
+    assert (model.args.attn_backend, model.args.fused_ops) == ("sdpa", "off")  # this CPU's choices
+    for c, want in logits["cat_adaptive"].items():
+        assert torch.equal(forward(model, probe_tokens(), c), want), c
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_format_reads_back_through_the_parity_loader(trained, tmp_path, one_thread, kind):
     import cat_titan
