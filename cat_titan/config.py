@@ -232,6 +232,8 @@ class Config:
                                  ("data.num_workers", d.num_workers, "load in the training process")):
             if value < 0:
                 errs.append(f"{key}={value} must be >= 0 (0: {zero})")
+        if t.activation_checkpoint == "every_n" and t.ac_every < 1:  # 0 divided by zero, -1 acted as full
+            errs.append(f"training.ac_every={t.ac_every} must be >= 1 (checkpoint one block in this many)")
         if t.eval_batches < 1:  # the validation loss is a mean over them: none gives nan
             errs.append(f"training.eval_batches={t.eval_batches} must be >= 1 (batches averaged into the "
                         f"validation loss)")
@@ -298,6 +300,13 @@ def parallel_problems(cfg: Config, world: int) -> list[str]:
     if t.global_batch % (t.micro_batch * dp):
         errs.append(f"training.global_batch={t.global_batch} must be a multiple of training.micro_batch="
                     f"{t.micro_batch} x data-parallel size {dp} = {t.micro_batch * dp}")
+    # the trainer's precision plan (Trainer._precision_plan), checked before any work
+    if t.mixed_precision == "autocast" and dp > 1:
+        errs.append(f"training.mixed_precision=autocast runs without FSDP, but this job has {dp} data-parallel "
+                    f"ranks; use training.mixed_precision=auto or fsdp")
+    elif t.mixed_precision == "autocast" and p.tp > 1 and t.dtype != "float32":
+        errs.append(f"training.mixed_precision=autocast with parallelism.tp={p.tp} is not supported (tensor-parallel "
+                    f"blocks under autocast are untested); set training.mixed_precision=fsdp")
     if p.tp > 1:
         heads = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)]
         if m.kind in ("cat", "cat_adaptive"):

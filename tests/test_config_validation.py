@@ -38,3 +38,48 @@ def test_zero_keeps_its_documented_meaning() -> None:
     assert load_config(None, ["job.run_dir=x"]).data.corpus_max_bytes is None  # None: the whole corpus
     with pytest.raises(ConfigError, match=r"data.corpus_max_bytes=0 must be"):
         load_config(None, ["job.run_dir=x", "data.corpus_max_bytes=0"])  # no files at all
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["training.activation_checkpoint=every_n", "training.ac_every=0"], "training.ac_every=0 must be >= 1"),
+    (["training.activation_checkpoint=every_n", "training.ac_every=-1"], "training.ac_every=-1 must be >= 1"),
+    (["model.preset=debug-cat", "model.compressor_heads=0"], "model.compressor_heads=0 must be positive"),
+    (["model.preset=debug-cat", "model.compressor_layers=0"], "model.compressor_layers=0 must be positive"),
+    (["model.preset=debug-cat-layer", "model.cat_layer_head_dim=0"], "model.cat_layer_head_dim=0 must be positive"),
+    (["model.vocab_multiple=0"], "model.vocab_multiple=0 must be positive"),
+    (["model.n_kv_heads=-2"], "model.n_kv_heads=-2 must be positive, or null"),
+    (["model.preset=debug-cat", "model.compressor_kv_heads=-1"], "model.compressor_kv_heads=-1 must be positive"),
+    (["model.intermediate_size=-8"], "model.intermediate_size=-8 must be positive"),
+    (["model.dim=96", "model.n_heads=32"], "head dim model.dim/model.n_heads=3 must be even"),
+    (["model.preset=debug-cat", "model.compressor_dim=48", "model.compressor_heads=16"],
+     "compressor head dim model.compressor_dim/model.compressor_heads=3 must be even"),
+])
+def test_bad_model_and_checkpointing_values_are_config_errors(overrides, says) -> None:
+    """Each was accepted and failed later (a division by zero inside validation or parallelize,
+    a reshape or RoPE shape error at the first forward), or was silently misread."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["job.run_dir=x", "data.seq_len=64", *overrides])
+    assert any(says in e for e in info.value.errors), info.value.errors
+
+
+def test_precision_plans_the_trainer_would_refuse_are_config_errors(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="mixed_precision=autocast runs without FSDP, but this job has 2"):
+        load_config(None, ["job.run_dir=x", "training.mixed_precision=autocast"])
+    with pytest.raises(ConfigError, match="mixed_precision=autocast with parallelism.tp=2 is not supported"):
+        load_config(None, ["job.run_dir=x", "training.mixed_precision=autocast", "parallelism.tp=2"])
+    load_config(None, ["job.run_dir=x", "training.mixed_precision=fsdp", "parallelism.tp=2"])  # fine
+
+
+def test_flex_attention_cannot_train_on_cpu(tmp_path, capsys, monkeypatch) -> None:
+    from pathlib import Path
+
+    from cat_titan.train.trainer import main
+
+    monkeypatch.setenv("CAT_TITAN_CACHE", str(tmp_path / "cache"))
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    assert main(["--config", str(root / "configs" / "debug_cat.yaml"), f"job.run_dir={run}",
+                 "model.attn_backend=flex", "job.device=cpu"]) == 2
+    assert "model.attn_backend=flex cannot train on CPU" in capsys.readouterr().err
+    assert not run.exists()

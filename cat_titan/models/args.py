@@ -143,21 +143,26 @@ class ModelArgs:
         """Problems with these arguments, each naming the field (prefix 'model.')."""
         errs: list[str] = []
 
-        def heads_ok(prefix: str, dim: int, heads: int, kv: int) -> None:
-            if heads <= 0 or dim % heads:
-                errs.append(f"model.{prefix}heads={heads} must divide model.{prefix or ''}dim={dim}")
-            elif kv <= 0 or heads % kv:
-                errs.append(f"model.{prefix}kv_heads={kv} must divide the {heads} query heads")
-
-        for name in ("vocab_size", "block_size", "dim", "n_layers", "n_heads", "chunk_size"):
+        positive = ["vocab_size", "vocab_multiple", "block_size", "dim", "n_layers", "n_heads", "chunk_size"]
+        if self.is_cat:
+            positive += ["compressor_dim", "compressor_layers", "compressor_heads"]
+        if self.kind == "cat_layer":
+            positive += ["cat_layer_head_dim"]
+        for name in positive:
             if getattr(self, name) <= 0:
                 errs.append(f"model.{name}={getattr(self, name)} must be positive")
-        if errs:
+        for name in ("n_kv_heads", "compressor_kv_heads", "intermediate_size", "compressor_intermediate_size",
+                     "dim_fx"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                errs.append(f"model.{name}={getattr(self, name)} must be positive, or null for its default")
+        if errs:  # the checks below divide by these
             return errs
         if self.dim % self.n_heads:
             errs.append(f"model.n_heads={self.n_heads} must divide model.dim={self.dim}")
         elif self.n_heads % self.kv_heads:
             errs.append(f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:  # RoPE rotates pairs of features
+            errs.append(f"head dim model.dim/model.n_heads={self.dim // self.n_heads} must be even (RoPE)")
         if self.kind in ("cat", "cat_adaptive", "cat_layer"):
             if self.block_size % self.chunk_size:
                 errs.append(f"model.chunk_size={self.chunk_size} must divide model.block_size={self.block_size}")
@@ -171,6 +176,9 @@ class ModelArgs:
             elif self.compressor_heads % self.c_kv_heads:
                 errs.append(f"model.compressor_kv_heads={self.c_kv_heads} must divide "
                             f"model.compressor_heads={self.compressor_heads}")
+            elif (self.compressor_dim // self.compressor_heads) % 2:
+                errs.append(f"compressor head dim model.compressor_dim/model.compressor_heads="
+                            f"{self.compressor_dim // self.compressor_heads} must be even (RoPE)")
             if self.fx_dim != self.dim:
                 errs.append(f"model.dim_fx={self.dim_fx} must equal model.dim={self.dim} for {self.kind} "
                             f"(the compressed chunk is a decoder input); leave it unset")

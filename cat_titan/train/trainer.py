@@ -173,6 +173,9 @@ def preflight(cfg: Config) -> tuple[torch.device, Optional[Path]]:
     device = resolve_device(cfg)
     problem = refuse_unsupported(device.type, cfg.parallelism.tp, cfg.training.compile,
                                  cfg.training.activation_checkpoint)
+    if device.type == "cpu" and cfg.model.attn_backend == "flex":
+        problem = ("model.attn_backend=flex cannot train on CPU: FlexAttention has no backward there (torch "
+                   f"{torch.__version__.split('+')[0]}); use model.attn_backend=auto or sdpa (the same mask, dense)")
     if problem:
         raise ConfigError([problem])
     return device, preflight_checkpoint(cfg)
