@@ -97,6 +97,14 @@ def main(argv=None) -> int:
 def run(a) -> int:
     if a.labels is not None and len(a.labels) != len(a.models):
         raise ValueError(f"--labels has {len(a.labels)} names for {len(a.models)} models")
+    # Checked before any model loads; --max-batches -1 evaluated no batch and wrote NaN losses,
+    # --seq-len 0 silently used the run's.
+    bad = [f"--{name} {v} (must be >= {low})" for name, v, low in
+           (("batch-size", a.batch_size, 1), ("max-batches", a.max_batches, 0), ("seq-len", a.seq_len, 1))
+           if v is not None and v < low]
+    if bad:
+        raise ValueError(f"bad options: {'; '.join(bad)}; --max-batches 0 evaluates the whole split, leaving "
+                         f"out --seq-len uses the run's")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu")

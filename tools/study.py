@@ -146,15 +146,27 @@ def parse_args(argv=None):
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available; use --device cpu")
-    a.steps = a.steps or (3 if a.smoke else 300)
-    a.global_batch = a.global_batch or (8 if a.smoke else 16)
-    a.micro_batch = a.micro_batch or 8
+    # Defaults only where an option is left out: `or` turned an explicit 0 (e.g. --steps 0) into
+    # the default instead of refusing it.
+    def default(value, smoke, full):
+        return value if value is not None else (smoke if a.smoke else full)
+
+    a.steps = default(a.steps, 3, 300)
+    a.global_batch = default(a.global_batch, 8, 16)
+    a.micro_batch = default(a.micro_batch, 8, 8)
     a.warmup_steps = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 10)
-    a.eval_batches = a.eval_batches or (1 if a.smoke else 8)
-    a.gen_batch = a.gen_batch or (2 if a.smoke else 64)
+    a.eval_batches = default(a.eval_batches, 1, 8)
+    a.gen_batch = default(a.gen_batch, 2, 64)
     a.work = a.work or a.out / "work"
-    if a.steps < 1 or a.evals < 1 or a.global_batch % a.micro_batch:
-        p.error("--steps and --evals must be >= 1, --global-batch a multiple of --micro-batch")
+    bad = [f"--{k.replace('_', '-')} {v}" for k in ("steps", "evals", "global_batch", "micro_batch", "eval_batches",
+                                                    "gen_batch", "gen_len") if (v := getattr(a, k)) is not None and v < 1]
+    bad += [f"--warmup-steps {a.warmup_steps}"] if a.warmup_steps < 0 else []
+    bad += [f"--minutes {a.minutes}"] if a.minutes is not None and a.minutes <= 0 else []
+    if bad:
+        p.error(f"{', '.join(bad)}: counts must be >= 1 (--warmup-steps >= 0, --minutes > 0; leave an option out "
+                f"for its default)")
+    if a.global_batch % a.micro_batch:
+        p.error(f"--global-batch {a.global_batch} is not a multiple of --micro-batch {a.micro_batch}")
     return a
 
 

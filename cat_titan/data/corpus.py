@@ -100,6 +100,17 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Source]:
             sources.append(Source(path, kind))
         else:
             raise DataError(f"input {path} does not exist")
+    # A file read twice (named twice, or named and inside a named folder) is two documents that
+    # may fall into different splits: validation text the model trained on.
+    seen: dict[Path, Path] = {}
+    for src in sources:
+        key = src.path.resolve()
+        if key in seen:
+            raise DataError(
+                f"input file {src.path} is read twice (also as {seen[key]}): its documents would "
+                "be duplicated, possibly into both train and val; list each file or folder once"
+            )
+        seen[key] = src.path
     return sources
 
 

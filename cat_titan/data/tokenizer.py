@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -123,6 +125,22 @@ def _file_encoding(path: Path) -> tiktoken.Encoding:
         ) from e
     if not ranks:
         raise TokenizerError(f"tiktoken rank file {path} holds no ranks")
+    # tiktoken's Rust core panics (a BaseException, mid-preparation) on either defect below:
+    # encoding any text that holds an unranked byte, or building an encoding with shared ranks.
+    missing = [i for i in range(256) if bytes([i]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"tiktoken rank file {path} lacks {len(missing)} of the 256 single-byte tokens (the "
+            f"first: byte {missing[0]}), so text holding those bytes cannot be encoded; a "
+            "byte-level BPE rank file must rank every byte: add the missing ones"
+        )
+    if len(set(ranks.values())) != len(ranks):
+        seen: dict[int, bytes] = {}
+        tok, rank = next((t, r) for t, r in ranks.items() if seen.setdefault(r, t) != t)
+        raise TokenizerError(
+            f"tiktoken rank file {path} gives rank {rank} to both {seen[rank]!r} and {tok!r}; "
+            "every token needs its own rank"
+        )
     return tiktoken.Encoding(
         name=path.stem,
         pat_str=CL100K_PAT_STR,
@@ -131,15 +149,35 @@ def _file_encoding(path: Path) -> tiktoken.Encoding:
     )
 
 
+def _tiktoken_cache_dir() -> str:
+    """Where tiktoken looks for downloaded files, as tiktoken.load.read_file_cached decides
+    ('' turns its cache off)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
 def _named_encoding(name: str) -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # network/cache failures surface as requests/OSError/ValueError
+        # tiktoken caches a file under the SHA-1 of its URL, not under its own name: a rank file
+        # copied into TIKTOKEN_CACHE_DIR as e.g. cl100k_base.tiktoken is never found.
+        url, cache = getattr(getattr(e, "request", None), "url", None), _tiktoken_cache_dir()
+        where = ""
+        if url and cache:
+            sha1 = hashlib.sha1(url.encode()).hexdigest()
+            where = f" The missing file is {url}; tiktoken reads it from {os.path.join(cache, sha1)}."
+        elif not cache:
+            where = " TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off."
         raise TokenizerUnavailableError(
             f"tiktoken encoding {name!r} could not be loaded ({type(e).__name__}: {e}). "
-            f"It needs a cached copy of its rank file (set TIKTOKEN_CACHE_DIR to a folder that "
-            f"holds one) or network access on first use. Offline, use tokenizer 'byte' or a local "
-            f"'.tiktoken' rank file instead."
+            f"It needs its rank files in tiktoken's cache (TIKTOKEN_CACHE_DIR) or network access "
+            f"on first use.{where} To fill a cache for an offline machine, run "
+            f"TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('{name}')\" "
+            f"where there is network and set TIKTOKEN_CACHE_DIR=DIR here. Offline, use tokenizer "
+            f"'byte' or a local '.tiktoken' rank file instead."
         ) from e
 
 

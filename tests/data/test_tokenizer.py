@@ -1,5 +1,8 @@
+import base64
 import json
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -115,3 +118,40 @@ def test_gpt2_if_cached():
     assert tok.encode("hello world") == [31373, 995]
     assert tok.encode(ENDOFTEXT) != [tok.eot_id]
     assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_rank_files_that_tiktoken_would_panic_on_are_refused_on_load(tmp_path):
+    # Without every single byte, encoding text that holds a missing byte panics in tiktoken's
+    # Rust core (a BaseException, mid-preparation); shared ranks panic when building it.
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(128)]  # ASCII only
+    ascii_only = tmp_path / "ascii.tiktoken"
+    ascii_only.write_text("".join(lines))
+    with pytest.raises(TokenizerError, match=r"ascii.tiktoken lacks 128 of the 256 single-byte.*byte 128"):
+        get_tokenizer(str(ascii_only))
+    shared = write_rank_file(tmp_path / "shared.tiktoken")
+    shared.write_text(shared.read_text().replace(" 261\n", " 260\n"))  # b"ing" takes b"in"'s rank
+    with pytest.raises(TokenizerError, match=r"rank 260 to both b'in' and b'ing'"):
+        get_tokenizer(str(shared))
+
+
+def test_unavailable_encoding_names_the_cache_file_tiktoken_reads(tmp_path, monkeypatch):
+    # tiktoken caches under the SHA-1 of the URL: the message names that exact path. tiktoken
+    # deletes a cached file whose hash is wrong, which shows that it read the named path.
+    if "p50k_base" in tiktoken.registry.ENCODINGS:
+        pytest.skip("p50k_base is already loaded in this process")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for var in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(TokenizerUnavailableError) as e:
+        get_tokenizer("p50k_base")
+    named = re.search(r"tiktoken reads it from (\S+)\.", str(e.value))
+    assert named, str(e.value)
+    cached = Path(named.group(1))
+    assert cached.parent == tmp_path
+    cached.write_text("not the real rank file")
+    with pytest.raises(TokenizerUnavailableError):
+        get_tokenizer("p50k_base")
+    assert not cached.exists()
+    assert "tiktoken.get_encoding('p50k_base')" in str(e.value)  # how to fill a cache elsewhere

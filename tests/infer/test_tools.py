@@ -223,3 +223,36 @@ def test_bench_generate_profile(tmp_path):
         assert trace["traceEvents"]
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert all(r["profile"]["kernels_per_step"] > 0 for r in rows)
+
+
+def test_study_refuses_bad_counts_instead_of_replacing_them(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("tool_study", ROOT / "tools" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tool_study", study)  # its dataclass looks its module up
+    spec.loader.exec_module(study)
+    base = ["--out", str(tmp_path / "o"), "--smoke", "--device", "cpu"]
+    a = study.parse_args(base)  # left out: the smoke defaults
+    assert (a.steps, a.global_batch, a.micro_batch, a.eval_batches, a.gen_batch) == (3, 8, 8, 1, 2)
+    assert study.parse_args(base + ["--steps", "7", "--warmup-steps", "0"]).steps == 7
+    # an explicit 0 was silently the default (--steps 0 trained 300 steps on a GPU preset)
+    for extra, named in ((["--steps", "0"], "--steps 0"), (["--eval-batches", "0"], "--eval-batches 0"),
+                         (["--gen-batch", "0", "--global-batch", "0"], "--global-batch 0, --gen-batch 0"),
+                         (["--micro-batch", "0"], "--micro-batch 0"), (["--minutes", "-1"], "--minutes -1.0"),
+                         (["--global-batch", "12"], "--global-batch 12 is not a multiple of --micro-batch 8")):
+        with pytest.raises(SystemExit) as e:
+            study.parse_args(base + extra)
+        assert e.value.code == 2 and named in capsys.readouterr().err, extra
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_refuses_bad_loss_options_before_loading(tmp_path, capsys):
+    # --max-batches -1 evaluated no batch and wrote NaN losses; --seq-len 0 used the run's.
+    # The model does not exist: the options are checked before it would load.
+    out = tmp_path / "eval"
+    argv = [str(tmp_path / "missing.safetensors"), "--max-batches", "-1", "--seq-len", "0", "--batch-size", "0",
+            "--out", str(out)]
+    assert _tool("evaluate").main(argv) == 2
+    err = capsys.readouterr().err
+    for named in ("--max-batches -1", "--seq-len 0", "--batch-size 0"):
+        assert named in err, err
+    assert not out.exists()
