@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--text-field", default="text", help="text field of jsonl/parquet rows")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes"
+        "--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        help="tokenizer processes (default: the CPUs this process may use, e.g. a Slurm allocation's)"
     )
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument(

@@ -183,7 +183,9 @@ def write_table(rows: list[dict], out_dir: Path, stem: str = "eval") -> tuple[Pa
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-    json_path.write_text(json.dumps({"rows": rows}, indent=2, default=str))
+    # a diverged model's inf/nan loss becomes null: json.dumps would write NaN, which is not JSON
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    json_path.write_text(json.dumps({"rows": finite}, indent=2, default=str, allow_nan=False))
     return csv_path, json_path
 
 

@@ -62,3 +62,21 @@ def test_evaluated_chunk_sizes_are_the_trained_ones(curriculum, want):
     fixed = Pretrained(model=debug_model("debug-cat"), path=Path("c.safetensors"), tokenizer_spec="byte",
                        train_config=config)
     assert eval_chunk_sizes(fixed, EvalConfig()) == [None]
+
+
+def test_eval_json_is_strict_json_when_a_loss_diverged(tmp_path):
+    """A diverged model's nan/inf loss is written as null (NaN is not JSON: strict parsers and
+    other languages reject the file); the CSV leaves the cell empty."""
+    import json
+
+    from cat_titan.infer.evaluate import write_table
+
+    rows = [{"model": "m", "kind": "cat", "chunk_size": 8, "val_loss": float("nan"), "val_ppl": float("inf"),
+             "tokens_per_s": 10.0}]
+    _, json_path = write_table(rows, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in {json_path}")
+
+    back = json.loads(json_path.read_text(), parse_constant=refuse)["rows"][0]
+    assert back["val_loss"] is None and back["val_ppl"] is None and back["tokens_per_s"] == 10.0
