@@ -183,7 +183,7 @@ def apply_fsdp(model: nn.Module, pdims: ParallelDims, param_dtype: torch.dtype,
     # "default": reshard after forward (all-gather again in backward) only where there is
     # something to shard: with one shard rank the "all-gather" is a copy and a bf16 cast of
     # every weight, done twice per step for nothing.
-    if reshard_after_forward == "default" and mesh.size() == 1:
+    if reshard_after_forward == "default" and pdims.dp_shard == 1:  # also HSDP with replicas of one shard
         reshard_after_forward = "never"
 
     def reshard(last_in_forward: bool) -> bool:
