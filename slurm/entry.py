@@ -74,11 +74,11 @@ def node_status(exitcodes: list[int]) -> int:
 
 
 def torchrun(argv: list[str]) -> int:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # before importing torch: that takes seconds
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         torchrun_main(argv)
     except ChildFailedError as e:

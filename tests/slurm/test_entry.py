@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,26 @@ def test_check_runs_train_preflight_and_writes_nothing(tmp_path, monkeypatch, ca
     assert entry.main(["check", *args]) == 0  # checkpoint.resume=auto continues the run
     assert capsys.readouterr().out.strip() == str(run.resolve())
     assert _snapshot(run) == before  # checking writes nothing
+
+
+def test_torchrun_launcher_survives_usr1_while_importing_torch(tmp_path):
+    """The launcher ignores SIGUSR1 from its first line: a warning that reaches the step while
+    it still imports torch (about a second) is dropped, as the docstring says, and does not
+    kill the node (it did: the launcher died of SIGUSR1, exit -10)."""
+    args = ["--config", str(ROOT / "configs" / "debug_dense.yaml"), f"job.run_dir={tmp_path / 'run'}",
+            "training.steps=1", "data.seq_len=64", "training.global_batch=2", "training.micro_batch=2",
+            "training.sample_tokens=0", "metrics.tensorboard=false", "data.corpus_max_bytes=20000"]
+    env = {**os.environ, "CAT_TITAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "slurm" / "entry.py"), "torchrun", "--standalone",
+                          "--nproc-per-node=1", str(ROOT / "train.py"), *args], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text():  # torch's import has begun
+            assert p.poll() is None and time.time() < deadline, "the launcher never loaded torch"
+            time.sleep(0.005)
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 0, f"exit {p.returncode}\n{out[-3000:]}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -37,9 +38,10 @@ pytestmark = pytest.mark.slow
 
 
 class Job:
-    def __init__(self, slurm, tmp: Path, *overrides: str, env: dict | None = None):
+    def __init__(self, slurm, tmp: Path, *overrides: str, env: dict | None = None, sbatch_args: tuple = ()):
         self.slurm, self.out_dir, self.run_dir = slurm, tmp, tmp / "run"
-        argv = ["sbatch", "--parsable", f"--output={tmp}/%x-%j.out", "slurm/train.sbatch", "configs/debug_cat.yaml",
+        argv = ["sbatch", "--parsable", f"--output={tmp}/%x-%j.out", *sbatch_args, "slurm/train.sbatch",
+                "configs/debug_cat.yaml",
                 f"job.run_dir={self.run_dir}", *TINY, *overrides]
         r = subprocess.run(argv, cwd=ROOT, env=slurm.env(**(env or {})), stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=60)
@@ -113,6 +115,10 @@ class Job:
                 return pid
         pytest.fail(f"no training process of rank {rank} found\n{self.explain()}")
 
+    def rank_env(self, rank: int) -> dict[str, str]:
+        raw = Path(f"/proc/{self.rank_pid(rank)}/environ").read_bytes().decode(errors="replace")
+        return dict(kv.partition("=")[::2] for kv in raw.split("\0") if kv)
+
 
 def metric_rows(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
@@ -145,8 +151,8 @@ def submit(slurm, env, tmp_path):
     """Job(...) for one test; whatever the test leaves running is cancelled afterwards."""
     jobs = []
 
-    def make(*overrides: str, **extra_env: str) -> Job:
-        jobs.append(Job(slurm, tmp_path, *overrides, env={**env, **extra_env}))
+    def make(*overrides: str, sbatch_args: tuple = (), **extra_env: str) -> Job:
+        jobs.append(Job(slurm, tmp_path, *overrides, env={**env, **extra_env}, sbatch_args=sbatch_args))
         return jobs[-1]
 
     yield make
@@ -222,3 +228,34 @@ def test_crash_is_requeued_at_most_max_restarts_times(submit):
     info = job.wait_terminal()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "1"), job.explain()
     assert "giving up" in job.log(), job.explain()
+
+
+def test_ranks_get_the_batch_environment_when_submitted_with_an_export_list(submit):
+    """sbatch --export=NONE or a list (SBATCH_EXPORT at some sites) leaves SLURM_EXPORT_ENV in
+    the batch shell, which srun inherits: the ranks started without the environment the
+    script sets up (PYTHONUNBUFFERED, compile caches, NCCL_DEBUG) or the one it was given."""
+    job = submit(sbatch_args=("--export=PATH,HOME,SLURM_CONF,CAT_TITAN_NPROC_PER_NODE,CAT_TITAN_CACHE",),
+                 CAT_TITAN_PROBE="a b")
+    job.wait_steps(2)
+    env = job.rank_env(1)
+    assert env.get("PYTHONUNBUFFERED") == "1" and env.get("NCCL_DEBUG") == "WARN" and "TRITON_CACHE_DIR" in env, env
+    assert env.get("CAT_TITAN_CACHE") and "CAT_TITAN_PROBE" not in env, env  # the list, and only it, from outside
+    info = job.wait_terminal()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.explain()
+
+
+def test_usr1_during_the_scripts_first_lines_is_not_fatal(slurm, submit, tmp_path):
+    """A warning that reaches the batch shell in its first lines (a job started less than the
+    --signal lead time before its limit, `scancel --batch --signal=USR1` right after the start)
+    is kept, not fatal: it killed bash (default action of SIGUSR1), failing the job unrequeued.
+    A delayed scontrol (the first command the script runs) widens those lines to seconds."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "scontrol").write_text(f"#!/bin/sh\nsleep 3\nexec {shutil.which('scontrol')} \"$@\"\n")
+    (shim / "scontrol").chmod(0o755)
+    job = submit(PATH=f"{shim}:{os.environ['PATH']}", CAT_TITAN_SIGNAL_REPEAT="1")
+    job.wait(lambda i: i.get("JobState") == "RUNNING" or i.get("JobState") in TERMINAL, 60, "the job to start")
+    time.sleep(1)  # inside the delayed `scontrol show hostnames`
+    slurm.run(["scancel", "--batch", "--signal=USR1", job.id])
+    job.wait_requeued(1)
+    assert "SIGUSR1: asking the trainers" in job.log() and "requeueing" in job.log(), job.explain()
