@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -81,6 +82,14 @@ class Shuffle:
 _STREAM_FIELDS = ("seq_len", "seed", "global_batch", "num_windows", "data_fingerprint")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: Slurm signals every process of a step, and a
+    worker that died of it crashed its trainer before the preemption save. The trainer decides
+    when to stop and shuts its workers down (they also exit when it does)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _open(data: ShardedTokens | str | os.PathLike, split: str) -> ShardedTokens:
@@ -213,6 +222,7 @@ class TokenLoader:
                 # default that is torch's global one, which checkpoints save for exact resume,
                 # and a resumed loader starts one iterator more than the run it continues.
                 generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=_ignore_stop_signals,
             )
         )
 

@@ -551,6 +551,11 @@ class Trainer:
         try:
             with self.gc:
                 return self._run()
+        except NonFiniteError:
+            # Every rank stops at the same step (the loss and norm are global): finish the
+            # pending async save, a checkpoint of good weights that a resubmission resumes from.
+            self.checkpointer.close()
+            raise
         finally:
             if self._owns_preemption:
                 self.preemption.close()
@@ -669,6 +674,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
-        preemption.close()
+        # the group first: a signal while it is torn down must still find our handlers (a
+        # rank whose checkpoint is complete would otherwise die of it instead of exiting 75)
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        preemption.close()

@@ -390,3 +390,28 @@ def run_async_marker(rank, world, run_dir):
 def test_async_save_marked_complete_after_every_rank_wrote(tmp_path, cache_env):
     polls = launch(run_async_marker, 2, str(tmp_path), env=cache_env)
     assert min(polls) > 5, polls  # rank 0 kept training while rank 1 was still writing
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_sigterm_to_every_process_with_loader_workers_saves_and_exits_75(tmp_path, cache_env):
+    """Slurm's scancel, time limit or preemption signal every process of the step, the data
+    loader's worker processes too: they ignore it (before, one died of it and its trainer
+    crashed with exit 1 instead of saving), the trainer saves and exits 75."""
+    run = tmp_path / "run"
+    job = Job(run, 1, ["data.num_workers=2", "checkpoint.interval=0", "training.steps=50"],
+              env={**cache_env, "CAT_TITAN_TEST_STEP_DELAY": "0.2"})
+    wait_until(lambda: last_logged_step(run) >= 2, what="step 2", job=job)
+    pid = job.procs[0].pid
+    workers = _children(pid)
+    assert len(workers) >= 2, workers
+    for p in [pid, *workers]:
+        os.kill(p, signal.SIGTERM)
+    assert job.wait() == [75], job.output()
+    steps = checkpoints(run)
+    assert len(steps) == 1 and all(steps.values()), (steps, job.output())

@@ -90,3 +90,31 @@ def test_nonfinite_step_is_skipped_or_stops(world, tmp_path, monkeypatch):
             assert stop["untouched"], (impl, stop)
             message = stop["raised_in_step"] if impl == "foreach" else stop["raised_at_check"]
             assert f"at step {BAD_STEP}" in message and "nonfinite=skip" in message, (impl, stop)
+
+
+def pending_body(rank, world, run_dir):
+    import torch.distributed as dist
+
+    from cat_titan.train.checkpoint import complete_steps
+    from cat_titan.train.trainer import NonFiniteError, Trainer, preflight
+
+    dist.init_process_group("gloo")
+    cfg = debug_cat_config(run_dir, 8, "checkpoint.interval=2", "checkpoint.async_save=true",
+                           "optimizer.implementation=foreach", "training.nonfinite=stop")
+    device, _ = preflight(cfg)
+    trainer = Trainer(cfg, device, None)
+    trainer.model.layers[0].register_forward_hook(
+        lambda m, i, out, tr=trainer: out * float("nan") if tr.state.step == BAD_STEP - 1 else out)
+    try:
+        trainer.run()
+        return "no error"
+    except NonFiniteError:
+        return [s for s, _ in complete_steps(run_dir)]
+
+
+def test_a_stop_on_a_nonfinite_loss_finishes_the_pending_async_save(tmp_path):
+    """Step 2's checkpoint is saved in the background when step 3 diverges: the run stops
+    (exit 3 from train.py) after marking it complete, so a resubmission resumes from step 2
+    (before, its shards were written but it was never marked: the next run started at step 0)."""
+    res = launch(pending_body, 2, str(tmp_path / "run"), env={"CAT_TITAN_CACHE": str(tmp_path / "cache")})
+    assert res == [[2], [2]]
