@@ -9,9 +9,10 @@
 # .venv/bin/python, else python3), CAT_TITAN_TORCHRUN_ARGS (extra torchrun options).
 # Exit status as train.py's: 0 finished, 2 bad config, 3 stopped on a non-finite loss
 # (training.nonfinite=stop), 75 stopped after saving a checkpoint
-# (run the same command again to resume). To stop with a checkpoint, signal the whole
-# process group: kill -USR1 -- -PGID (or SIGTERM to torchrun, which forwards it; the ranks
-# save, and torchrun then exits 143).
+# (run the same command again to resume). To stop with a checkpoint, send SIGUSR1 to any one
+# rank (pkill -USR1 -f -o 'train.py --config'; the ranks agree and all save); torchrun starts
+# each rank in its own session, so signalling this script's process group does not reach them.
+# SIGTERM to torchrun forwards it and the ranks save, but torchrun then exits 143.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -z "${CAT_TITAN_PYTHON:-}" ]; then

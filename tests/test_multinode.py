@@ -91,3 +91,40 @@ def test_two_node_torchrun_matches_one_machine_launch(tmp_path, env):
     worst = max(abs(x - y) for x, y in zip(a, b))
     assert worst < TOL, f"two-node losses differ from the one-machine launch by {worst}: {a} vs {b}"
     assert a[-1] < a[0], a  # it trains
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+            kids = [int(c) for c in (task / "children").read_text().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def test_usr1_to_one_rank_stops_the_local_launch_with_a_checkpoint_and_75(tmp_path, env):
+    """README's way to stop scripts/launch_local.sh: SIGUSR1 to any one rank (torchrun puts each
+    rank in a session of its own; the launcher ignores SIGUSR1). The ranks agree, all save,
+    and the launcher exits 75; the same command again resumes."""
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    argv = ["bash", "scripts/launch_local.sh", "configs/debug_cat.yaml", f"job.run_dir={run}",
+            *TINY[:-1], "training.steps=100000", "checkpoint.interval=0"]
+    p = start(argv, {**env, "NPROC": "2", "CAT_TITAN_PYTHON": sys.executable}, log)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (run / "metrics.jsonl").is_file() or len(losses(run)) < 2:
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        ranks = [pid for pid in _descendants(p.pid)
+                 if "train.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGUSR1)  # one rank only
+        assert p.wait(TIMEOUT) == 75, log.read_text()[-4000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    steps = sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "COMPLETE").is_file())
+    assert len(steps) == 1 and steps[0] >= 2, (steps, log.read_text()[-3000:])
