@@ -298,8 +298,11 @@ def parallel_problems(cfg: Config, world: int) -> list[str]:
         return errs
     dp = rep * shard
     if t.global_batch % (t.micro_batch * dp):
+        fits = [m for m in range(t.micro_batch, 0, -1) if t.global_batch % (m * dp) == 0]
+        fix = (f"; e.g. training.micro_batch={fits[0]}" if fits else
+               f"; e.g. training.global_batch={t.micro_batch * dp * max(1, t.global_batch // (t.micro_batch * dp))}")
         errs.append(f"training.global_batch={t.global_batch} must be a multiple of training.micro_batch="
-                    f"{t.micro_batch} x data-parallel size {dp} = {t.micro_batch * dp}")
+                    f"{t.micro_batch} x data-parallel size {dp} = {t.micro_batch * dp}{fix}")
     # the trainer's precision plan (Trainer._precision_plan), checked before any work
     if t.mixed_precision == "autocast" and dp > 1:
         errs.append(f"training.mixed_precision=autocast runs without FSDP, but this job has {dp} data-parallel "

@@ -696,7 +696,9 @@ def _apply(
         if not sep or not all(parts):
             probs.add(
                 key if sep else "",
-                f"bad override {item!r}: expected key.path=value, e.g. training.steps=100",
+                f"bad override {item!r}: expected key.path=value, e.g. training.steps=100"
+                + (f" (a config file goes after --config: --config {item})"
+                   if not sep and item.endswith((".yaml", ".yml")) else ""),
             )
             continue
         tp = _path_type(cls, parts, f"override {item!r}: ", probs)

@@ -83,3 +83,12 @@ def test_flex_attention_cannot_train_on_cpu(tmp_path, capsys, monkeypatch) -> No
                  "model.attn_backend=flex", "job.device=cpu"]) == 2
     assert "model.attn_backend=flex cannot train on CPU" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_batch_and_override_errors_suggest_the_fix(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"= 16; e.g. training.micro_batch=4"):
+        load_config(None, ["job.run_dir=x", "training.global_batch=8", "training.micro_batch=8"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"a config file goes after --config: --config configs/x.yaml"):
+        load_config(None, ["configs/x.yaml"])  # `train.py configs/x.yaml` without --config
