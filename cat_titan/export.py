@@ -44,19 +44,50 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------------------
 # checkpoint -> full CPU state dict
 # ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting and restoring
+    it would briefly give files that other threads create meanwhile a umask of 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as is; a run directory -> its newest complete checkpoint."""
-    from .train.checkpoint import checkpoint_root, latest_complete
+    """A checkpoint directory as is; a run directory, or its ``checkpoints/`` folder -> its
+    newest complete checkpoint."""
+    from .train.checkpoint import DCP_METADATA, MARKER, META, checkpoint_root, latest_complete
 
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: no such run or checkpoint directory")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            raise ExportError(f"{path} is an exported weights file, not a checkpoint: it needs no export "
+                              f"(cat_titan.load_pretrained reads it as is); to export again, pass the run "
+                              f"directory or checkpoints/step-N directory it came from")
+        raise ExportError(f"{path} is a file, not a run or checkpoint directory; pass a run directory "
+                          f"(job.run_dir) or one of its checkpoints/step-N directories")
+    if not checkpoint_root(path).is_dir() and checkpoint_root(path.parent) == path:
+        path = path.parent  # the checkpoints/ folder itself means its run
     if checkpoint_root(path).is_dir():
         newest = latest_complete(path)
         if newest is None:
             raise ExportError(f"run directory {path} has no complete checkpoint (checkpoints/step-N/ with a "
                               f"COMPLETE marker); train longer, or pass a checkpoint directory")
         return newest
+    # a directory inside checkpoints/ or holding checkpoint files is one (complete or not: the
+    # checks that follow say which); any other is neither kind of directory
+    in_run = checkpoint_root(path.parent.parent) == path.parent
+    if not in_run and not any((path / name).exists() for name in (MARKER, META, DCP_METADATA)):
+        raise ExportError(f"{path} is neither a run directory (it has no checkpoints/ folder) nor a checkpoint "
+                          f"directory (no {MARKER}, {META} or {DCP_METADATA}); pass a run directory "
+                          f"(job.run_dir) or one of its checkpoints/step-N directories")
     return path
 
 
@@ -147,6 +178,8 @@ def export(src: str | Path, out: str | Path, dtype: str | torch.dtype = "fp32", 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(sd, str(tmp), metadata=info)
+    # safetensors creates the file 0600; readable by whom the umask allows, as checkpoints are
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out)  # a reader never sees a half-written file
     return {"path": str(out), "step": meta["step"], "source": meta["source"], "tensors": len(sd),
             "parameters": sum(v.numel() for v in sd.values()), "bytes": out.stat().st_size, "format": fmt,

@@ -192,3 +192,50 @@ def test_bad_sources_are_refused_with_the_file_named(trained, tmp_path):
                            str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 2 and "error:" in done.stderr and "nowhere" in done.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def export_cli(*args, umask=0o022):
+    # the shell sets the umask: preexec_fn is unsafe in a process with threads (torch's)
+    return subprocess.run(["sh", "-c", f'umask {umask:o} && exec "$@"', "sh", sys.executable,
+                           str(ROOT / "tools" / "export.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+
+
+def test_exported_file_mode_follows_the_umask(trained, tmp_path):
+    """Teammates on shared storage read exports as they read checkpoints (safetensors alone
+    would create the file 0600)."""
+    root, _ = trained
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        out = tmp_path / f"{umask:o}.safetensors"
+        done = export_cli(root / "dense", out, umask=umask)
+        assert done.returncode == 0, done.stderr
+        assert out.stat().st_mode & 0o777 == mode, (oct(umask), oct(out.stat().st_mode))
+
+
+def test_export_sources_are_told_apart(trained, tmp_path):
+    """The checkpoints/ folder means its run; a plain directory and an exported file get their
+    own messages; a skipped incomplete checkpoint is a one-line note, a warning for callers."""
+    import shutil
+
+    from cat_titan.export import export
+
+    root, _ = trained
+    out = tmp_path / "out.safetensors"
+    done = export_cli(root / "dense" / "checkpoints", out)
+    assert done.returncode == 0 and "exported step 3" in done.stdout, done.stderr
+    (tmp_path / "plain").mkdir()
+    for src, message in ((tmp_path / "plain", "plain is neither a run directory (it has no checkpoints/ folder) "
+                                              "nor a checkpoint directory"),
+                         (out, "out.safetensors is an exported weights file, not a checkpoint")):
+        done = export_cli(src, tmp_path / "x.safetensors")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "COMPLETE marker" not in done.stderr
+    run = tmp_path / "run"
+    shutil.copytree(root / "dense", run)
+    (run / "checkpoints" / "step-9").mkdir()  # a save that was interrupted
+    done = export_cli(run, out)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (f"note: skipping incomplete checkpoint {run / 'checkpoints' / 'step-9'} (no COMPLETE "
+                           f"marker: its save was interrupted); it is replaced or removed by the next save\n")
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        assert export(run, out)["step"] == 3

@@ -27,19 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="files and folders to tokenize, in order")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument(
-        "--tokenizer", default="byte", help="'byte', a tiktoken name, or a .tiktoken file"
+        "--tokenizer",
+        default="byte",
+        help="'byte', a tiktoken name, or a .tiktoken file (default: %(default)s)",
     )
     parser.add_argument("--text-field", default="text", help="text field of jsonl/parquet rows")
     parser.add_argument(
         "--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         help="tokenizer processes (default: the CPUs this process may use, e.g. a Slurm allocation's)"
     )
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help="tokens per shard file (default: %(default)s)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
         default=DEFAULT_VAL_FRACTION,
-        help="share of whole documents held out for validation",
+        help="share of whole documents held out for validation (default: %(default)s)",
     )
     parser.add_argument(
         "--overwrite",

@@ -37,6 +37,7 @@ from cat_titan.data.shards import (
     MANIFEST,
     DataError,
     check_out_dir,
+    corpus_lock,
     dtype_for_vocab,
     write_shards,
 )
@@ -71,11 +72,13 @@ def _kind(path: Path) -> str | None:
     return "text" if path.suffix.lower() in TEXT_EXTENSIONS else None
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Source]:
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike], skipped: list[Path] | None = None
+) -> list[Source]:
     """Expand inputs into files in a deterministic order; folders are walked sorted.
 
-    Inside folders, hidden entries and unsupported files are skipped; a file named directly
-    must be supported.
+    Inside folders, hidden entries and unsupported files are skipped (the latter are appended
+    to ``skipped`` if given); a file named directly must be supported.
     """
     if not inputs:
         raise DataError("no inputs given; pass files or folders of " + SUPPORTED)
@@ -88,8 +91,12 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Source]:
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     file = Path(dirpath) / name
-                    if not name.startswith(".") and (kind := _kind(file)):
+                    if name.startswith("."):
+                        continue
+                    if kind := _kind(file):
                         found.append(Source(file, kind))
+                    elif skipped is not None:
+                        skipped.append(file)
             if not found:
                 raise DataError(f"input folder {path} holds no supported files ({SUPPORTED})")
             sources += found
@@ -224,7 +231,8 @@ def tokenize_texts(texts: Iterable[str], tok: Tokenizer, workers: int = 1) -> It
 
 
 class _Progress:
-    """Counts documents, text and tokens on stderr: a live line on a TTY, else every 30 s."""
+    """Counts documents, text and tokens on stderr: a live line on a TTY, else every 30 s;
+    also says which input files were skipped."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.stream = enabled, sys.stderr
@@ -257,6 +265,16 @@ class _Progress:
         )
         self.stream.flush()
 
+    def skipped(self, files: Sequence[Path]) -> None:
+        # a file left out silently looks like a file tokenized
+        if self.enabled and files:
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            self.stream.write(
+                f"prepare_data: skipped {len(files)} file{'s' * (len(files) > 1)} with unsupported "
+                f"extensions: {', '.join(map(str, files[:5]))}{more}\n"
+            )
+            self.stream.flush()
+
     def finish(self) -> None:
         if self.enabled:
             self._print(end="\n")
@@ -280,9 +298,11 @@ def prepare_corpus(
     error found while reading leaves ``out_dir`` untouched (``write_shards`` is atomic).
     """
     tok = get_tokenizer(tokenizer_spec)
-    sources = collect_inputs(inputs)
+    skipped: list[Path] = []
+    sources = collect_inputs(inputs, skipped)
     check_out_dir(out_dir, overwrite)
     report = _Progress(progress)
+    report.skipped(skipped)
     texts = report.texts(iter_texts(sources, text_field))
     docs = report.docs_out(tokenize_texts(texts, tok, workers))
     manifest = write_shards(
@@ -380,7 +400,7 @@ def ensure_corpus(
     if (out / MANIFEST).is_file():
         return out
     corpora.mkdir(parents=True, exist_ok=True)
-    with open(corpora / f".{out.name}.lock", "w") as lock:
+    with open(corpus_lock(out), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
         if (out / MANIFEST).is_file():
             logger.info("corpus %s was prepared by another process: reusing %s", name, out)

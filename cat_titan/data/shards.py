@@ -44,8 +44,6 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, each cheap to hash and map
 DEFAULT_VAL_FRACTION = 0.01
 
-_FIX = "re-run tools/prepare_data.py (or delete the directory so ensure_corpus rebuilds it)"
-
 
 class DataError(ValueError):
     """Bad or inconsistent data; the message names the file or value and the fix."""
@@ -267,31 +265,79 @@ def write_shards(
     return manifest
 
 
+def corpus_lock(data_dir: Path) -> Path:
+    """The lock ``ensure_corpus`` takes to prepare ``data_dir``: it marks the corpus cache."""
+    return data_dir.parent / f".{data_dir.name}.lock"
+
+
+def _fix(data_dir: Path) -> str:
+    # the cache is rebuilt by the next run; a user's directory only by the user
+    if corpus_lock(data_dir).is_file():
+        return (
+            f"delete {data_dir} (the embedded-corpus cache): ensure_corpus rebuilds it on the "
+            "next run"
+        )
+    return f"re-run tools/prepare_data.py with --out {data_dir} --overwrite"
+
+
+def _no_manifest(data_dir: Path) -> str:
+    """Why ``data_dir`` has no manifest, and the fix: what the directory holds decides both."""
+    if not data_dir.exists():
+        return (
+            f"data directory {data_dir} does not exist; check the path, or prepare data there "
+            f"with `python tools/prepare_data.py INPUTS --out {data_dir}`"
+        )
+    if not data_dir.is_dir():
+        return (
+            f"{data_dir} is a file, not a prepared data directory; tokenize it with "
+            f"`python tools/prepare_data.py {data_dir} --out DIR` and set data.path=DIR"
+        )
+    shards = any(_SHARD_FILE.fullmatch(p.name) for p in data_dir.iterdir())
+    if shards or corpus_lock(data_dir).is_file():
+        return f"no {MANIFEST} in {data_dir}: its preparation did not finish; {_fix(data_dir)}"
+    from .corpus import collect_inputs  # here: corpus imports this module
+
+    try:
+        inputs = collect_inputs([data_dir])
+    except DataError:  # no supported input files in it
+        inputs = []
+    if inputs:
+        out = f"{data_dir.resolve()}-shards"  # resolved: "." has no name to extend
+        return (
+            f"{data_dir} holds raw input files ({len(inputs)}, e.g. {inputs[0].path.name}), not "
+            f"prepared token shards; tokenize them with `python tools/prepare_data.py {data_dir} "
+            f"--out {out}` and set data.path={out}"
+        )
+    return (
+        f"no {MANIFEST} in {data_dir}: it is not a prepared data directory; prepare one with "
+        "`python tools/prepare_data.py INPUTS --out DIR` and set data.path=DIR"
+    )
+
+
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     """Load and sanity-check ``data_dir/manifest.json``."""
-    path = Path(data_dir) / MANIFEST
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
     if not path.is_file():
-        raise DataError(
-            f"no {MANIFEST} in {Path(data_dir)}: it is not a prepared data directory, or its "
-            f"preparation did not finish; {_FIX}"
-        )
+        raise DataError(_no_manifest(data_dir))
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); {_FIX}") from e
+        raise DataError(f"{path} is not valid JSON ({e}); {_fix(data_dir)}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a cat_titan shard manifest (its format is not {FORMAT!r})")
     if manifest.get("version") != FORMAT_VERSION:
         raise DataError(
             f"{path} has shard format version {manifest.get('version')!r}; this code reads "
-            f"version {FORMAT_VERSION}; {_FIX}"
+            f"version {FORMAT_VERSION}; {_fix(data_dir)}"
         )
     missing = [k for k in ("tokenizer", "vocab_size", "eot_id", "splits") if k not in manifest]
     if missing:
-        raise DataError(f"{path} lacks the fields {', '.join(missing)}; {_FIX}")
+        raise DataError(f"{path} lacks the fields {', '.join(missing)}; {_fix(data_dir)}")
     if manifest.get("dtype") not in DTYPES:
         raise DataError(
-            f"{path} names dtype {manifest.get('dtype')!r}; allowed: {', '.join(DTYPES)}; {_FIX}"
+            f"{path} names dtype {manifest.get('dtype')!r}; allowed: {', '.join(DTYPES)}; "
+            f"{_fix(data_dir)}"
         )
     return manifest
 
@@ -309,7 +355,7 @@ def verify_shards(data_dir: str | os.PathLike) -> None:
             if h.hexdigest() != shard["sha256"]:
                 raise DataError(
                     f"shard {data_dir / shard['file']} does not match its checksum in the "
-                    f"manifest: it was modified or corrupted; {_FIX}"
+                    f"manifest: it was modified or corrupted; {_fix(data_dir)}"
                 )
 
 
@@ -337,13 +383,15 @@ class ShardedTokens:
         for shard in splits[split]["shards"]:
             path = self.data_dir / shard["file"]
             if not path.is_file():
-                raise DataError(f"shard {path} listed in the manifest is missing; {_FIX}")
+                raise DataError(
+                    f"shard {path} listed in the manifest is missing; {_fix(self.data_dir)}"
+                )
             want = shard["num_tokens"] * self.dtype.itemsize
             if path.stat().st_size != want:
                 raise DataError(
                     f"shard {path} has {path.stat().st_size} bytes but the manifest says "
                     f"{shard['num_tokens']} {self.manifest['dtype']} tokens = {want} bytes: the "
-                    f"file is truncated or was modified; {_FIX}"
+                    f"file is truncated or was modified; {_fix(self.data_dir)}"
                 )
             self._shards.append(np.memmap(path, dtype=self.dtype, mode="r"))
         # starts[k] = global index of shard k's first token; starts[-1] = num_tokens
@@ -387,7 +435,7 @@ class ShardedTokens:
                 raise DataError(
                     f"{where} has vocab_size {self.vocab_size} but the model's vocab_size is "
                     f"{expected}: token ids would overflow the embedding. Prepare the data with "
-                    f"the model's tokenizer, or set the model's vocab_size >= {self.vocab_size}"
+                    f"the model's tokenizer, or set model.vocab_size={self.vocab_size} (or larger)"
                 )
             return
         ours = self.manifest["tokenizer"]

@@ -1,4 +1,9 @@
-"""Corpus inputs: a file read twice would put the same document in both splits."""
+"""Corpus inputs: a file read twice would put the same document in both splits; files
+skipped inside folders are reported."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +29,25 @@ def test_a_file_read_twice_is_refused_before_any_work(tmp_path):
         assert not out.exists()
     # distinct files are fine, in the order given
     assert [s.path.name for s in collect_inputs([folder / "b.txt", folder / "a.txt"])] == ["b.txt", "a.txt"]
+
+
+def test_cli_reports_skipped_files_and_shows_its_defaults(tmp_path):
+    prepare = [sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py")]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("kept\n")
+    (folder / ".hidden.dat").write_text("hidden entries are skipped on purpose")
+    for i in range(7):
+        (folder / f"notes{i}.dat").write_text("unsupported\n")
+    run = subprocess.run([*prepare, folder, "--out", tmp_path / "out"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    skipped = ", ".join(str(folder / f"notes{i}.dat") for i in range(5))
+    assert f"skipped 7 files with unsupported extensions: {skipped} and 2 more\n" in run.stderr, run.stderr
+    assert ".hidden" not in run.stderr
+
+    usage = subprocess.run([*prepare, "--help"], capture_output=True, text=True, timeout=120).stdout
+    usage = " ".join(usage.split())  # argparse wraps lines at the terminal width
+    for default in ("a .tiktoken file (default: byte)", "validation (default: 0.01)",
+                    "shard file (default: 134217728)"):
+        assert default in usage, (default, usage)

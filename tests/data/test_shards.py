@@ -149,12 +149,48 @@ def test_damaged_directories_give_actionable_errors(small):
         ShardedTokens(small, "val")
 
 
+def test_a_directory_without_manifest_is_told_apart_by_what_it_holds(small, tmp_path):
+    """Missing, raw text, a file, unfinished shards, the corpus cache: each its own fix; only
+    the cache's mentions ensure_corpus. The trainer passes data.path's message on as is."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("some text\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.dat").write_bytes(b"\0")
+    cases = {
+        tmp_path / "nope": r"data directory .*nope does not exist; check the path",
+        raw: rf"raw holds raw input files \(1, e.g. a.txt\).*prepare_data.py {raw} --out {raw}-shards",
+        raw / "a.txt": r"a.txt is a file, not a prepared data directory; tokenize it",
+        tmp_path / "other": r"no manifest.json in .*other: it is not a prepared data directory; prepare",
+    }
+    for path, message in cases.items():
+        with pytest.raises(DataError, match=message) as e:
+            ShardedTokens(path)
+        assert "ensure_corpus" not in str(e.value), path
+    (small / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"small: its preparation did not finish; re-run.*--overwrite"):
+        ShardedTokens(small)
+    cache = ensure_corpus(cache_dir=tmp_path / "cache", max_bytes=30_000)
+    (cache / "manifest.json").unlink()
+    with pytest.raises(DataError, match=rf"delete {cache} .*ensure_corpus rebuilds it"):
+        ShardedTokens(cache)
+
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "debug_cat.yaml"),
+         f"job.run_dir={tmp_path / 'run'}", f"data.path={raw}", "training.steps=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"prepare_data.py {raw} --out {raw}-shards" in run.stderr, run.stderr
+    assert "ensure_corpus" not in run.stderr and not (tmp_path / "run").exists()
+
+
 def test_check_tokenizer(small, tmp_path):
     data = ShardedTokens(small)
     data.check_tokenizer(BYTE.identity())
     data.check_tokenizer(257)
     data.check_tokenizer(512)  # a padded model vocab holds every data id
-    with pytest.raises(DataError, match="vocab_size 257 but the model's vocab_size is 256"):
+    with pytest.raises(DataError, match=r"vocab_size is 256.*set model.vocab_size=257 \(or larger\)"):
         data.check_tokenizer(256)
     ident = {"name": "gpt2", "spec": "gpt2", "vocab_size": 50257, "eot_id": 50256, "sha256": "g"}
     write_shards([[5, 50000]], tmp_path / "g", ident)
