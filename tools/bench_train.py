@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time cat_titan's real training step: the Trainer of train.py (parallelize, compile, fused
+r"""Time cat_titan's real training step: the Trainer of train.py (parallelize, compile, fused
 loss, clipping, optimizer step), fed random tokens, after warm-up.
 
     python tools/bench_train.py --config configs/cat_150m.yaml [key=value ...] [--steps 20 --warmup 5]

@@ -8,9 +8,11 @@ CAT's test-time knob.
     python tools/evaluate.py MODEL --max-batches 2 --gen-batch 2 --gen-len 32 --out /tmp/eval
 
 MODEL...: exported .safetensors files, checkpoint directories or run directories
-(``cat_titan.load_pretrained``), compared side by side. --baseline PATH adds a reference model
-(e.g. the dense Transformer) drawn as a star. An adaptive CAT is evaluated at every chunk
-size of its training curriculum (--chunk-sizes overrides), a fixed CAT and a dense model once.
+(``cat_titan.load_pretrained``), compared side by side and labelled by file stem or run name
+(where those are equal, by the shortest path suffixes that differ; --labels overrides).
+--baseline PATH adds a reference model (e.g. the dense Transformer) drawn as a star. An
+adaptive CAT is evaluated at every chunk size of its training curriculum (--chunk-sizes
+overrides), a fixed CAT and a dense model once.
 
 Loss: mean next-token cross-entropy on --max-batches batches of --batch-size windows of the
 validation split (windows 0, 1, 2, ...: what the trainer's val_loss uses), of --data DIR or,
@@ -39,7 +41,7 @@ from cat_titan.data.tokenizer import TokenizerError  # noqa: E402
 from cat_titan.export import ExportError  # noqa: E402
 from cat_titan.infer.bench import SpeedConfig  # noqa: E402
 from cat_titan.infer.evaluate import EvalConfig, evaluate_model, format_table, write_table  # noqa: E402
-from cat_titan.infer.pretrained import DTYPES, load_model, resolve_dtype  # noqa: E402
+from cat_titan.infer.pretrained import DTYPES, distinct_labels, load_model, resolve_dtype  # noqa: E402
 from cat_titan.models.base import ModelInputError  # noqa: E402
 
 EXIT_USAGE = 2
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", default=[], metavar="PATH",
                    help="reference model(s) drawn as a star (e.g. the dense baseline)")
     p.add_argument("--labels", type=lambda s: s.split(","), default=None,
-                   help="comma-separated names for MODEL... (default: file stems / run names)")
+                   help="comma-separated names for MODEL... (default: file stems / run names, or the "
+                        "shortest path suffixes that tell equal ones apart)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory (runs/eval)")
     g = p.add_argument_group("loss")
     g.add_argument("--data", help="prepared shard directory (default: the model's training data)")
@@ -117,8 +120,13 @@ def run(a) -> int:
                             attend_bucket=a.attend_bucket)
         speed.validate()
     dtype = resolve_dtype(a.dtype, device)
-    jobs = [(path, (a.labels or [None] * len(a.models))[i], "model") for i, path in enumerate(a.models)]
-    jobs += [(path, None, "baseline") for path in a.baseline]
+    # Distinct over models and baselines together: several exports all named model.safetensors
+    # were one label, "model", for every row.
+    labels = distinct_labels(a.models + a.baseline)
+    if a.labels is not None:
+        labels[:len(a.models)] = a.labels
+    jobs = [(path, label, "model" if i < len(a.models) else "baseline")
+            for i, (path, label) in enumerate(zip(a.models + a.baseline, labels))]
     rows = []
 
     def log(r):
@@ -126,9 +134,10 @@ def run(a) -> int:
         size = f" C={r['chunk_size']}" if r.get("chunk_size") else ""
         print(f"[evaluate] {r['model']}{size}: val loss {r['val_loss']:.4f}{speed_txt}", file=sys.stderr, flush=True)
 
-    for path, label, role in jobs:
+    for i, (path, label, role) in enumerate(jobs):
         pre = load_model(path, device=device, dtype=dtype)
-        rows += evaluate_model(pre, ecfg, speed, label=label, role=role, log=log)
+        # "input": which MODEL/--baseline a row is from; the plot joins rows by it, not by label
+        rows += [{**r, "input": i} for r in evaluate_model(pre, ecfg, speed, label=label, role=role, log=log)]
         del pre
     csv_path, json_path = write_table(rows, a.out)
     print(format_table(rows))

@@ -8,7 +8,8 @@
 MODEL: an exported .safetensors file (tools/export.py), a checkpoint directory or a run
 directory (its newest complete checkpoint); ``cat_titan.load_pretrained`` rebuilds it. The
 tokenizer is the one the model was trained with (recorded in the file's metadata or the
-checkpoint's meta.json); --tokenizer overrides it.
+checkpoint's meta.json); --tokenizer overrides it, with a warning on stderr when it is not the
+recorded one.
 
 Prompts: --prompt TEXT (repeatable) and/or --prompts-file FILE (one prompt per non-empty line;
 '-' reads stdin). Each prompt starts with the end-of-text token, the document boundary the
@@ -23,7 +24,8 @@ Several prompts are separated by '=== [i/n] ===' lines. Timing goes to stderr (-
 
 Sampling: --temperature 0 is greedy; otherwise --top-k / --top-p filters and --seed make runs
 reproducible. --chunk-size picks an adaptive CAT's chunk size (the test-time knob: smaller is
-slower and better). --compile compiles the decode step (with CUDA graphs on CUDA).
+slower and better; a size the training curriculum never drew gets a warning). --compile
+compiles the decode step (with CUDA graphs on CUDA).
 Exit status: 0 done; 2 bad arguments, model file, tokenizer, chunk size or prompt length.
 """
 
@@ -42,7 +44,7 @@ from cat_titan.data.tokenizer import TokenizerError, get_tokenizer  # noqa: E402
 from cat_titan.export import ExportError  # noqa: E402
 from cat_titan.infer import generate, make_runner, stream  # noqa: E402
 from cat_titan.infer.generate import runner_chunk_size  # noqa: E402
-from cat_titan.infer.pretrained import DTYPES, load_model, resolve_dtype  # noqa: E402
+from cat_titan.infer.pretrained import DTYPES, load_model, resolve_dtype, trained_chunk_sizes  # noqa: E402
 from cat_titan.infer.text import Detokenizer  # noqa: E402
 from cat_titan.models.base import ModelInputError  # noqa: E402
 
@@ -78,7 +80,11 @@ def load_tokenizer(a, pre):
     try:
         tok = get_tokenizer(spec)
     except TokenizerError as e:
-        raise UsageError(f"tokenizer {spec!r}: {e}") from e
+        fix = ""
+        if not a.tokenizer and spec.startswith("file:"):  # the rank file was moved or is on another machine
+            fix = (f"; {a.model} was trained with that rank file: pass --tokenizer PATH to a copy of the same "
+                   f"rank file")
+        raise UsageError(f"tokenizer {spec!r}: {e}{fix}") from e
     # vocab_size, not padded_vocab_size: the padding rows were never trained (training refuses
     # data with ids >= vocab_size), and an end-of-text id among them could never stop a row.
     vocab = pre.model.args.vocab_size
@@ -88,6 +94,15 @@ def load_tokenizer(a, pre):
                "pass the tokenizer the model was trained with (--tokenizer; its run's meta.json records it)")
         raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but the model's vocab_size is {vocab}: "
                          f"ids >= {vocab} would index untrained embedding rows; {fix}")
+    # The data manifest's identity (recorded for byte, named and file tokenizers alike): another
+    # tokenizer that fits the vocabulary runs without error but gives the ids other meanings.
+    recorded = pre.tokenizer_info
+    if recorded.get("sha256") and tok.sha256 != recorded["sha256"]:
+        print(f"warning: tokenizer {tok.spec!r} ({tok.vocab_size} tokens, sha256 {tok.sha256[:12]}) is not the "
+              f"one {a.model} was trained with ({recorded.get('spec')!r}, {recorded.get('vocab_size')} tokens, "
+              f"sha256 {str(recorded['sha256'])[:12]}): token ids will stand for other text than in training; "
+              f"pass that tokenizer (for a rank file: --tokenizer PATH to a copy of the same rank file)",
+              file=sys.stderr)
     return tok
 
 
@@ -108,11 +123,23 @@ def encode_prompts(a, tok, prompts: list[str], block_size: int) -> list[list[int
     return ids
 
 
-def check_chunk_size(model, chunk_size):
+def check_chunk_size(pre, chunk_size):
+    model = pre.model
     try:
-        return runner_chunk_size(model, chunk_size)
+        C = runner_chunk_size(model, chunk_size)
     except ModelInputError as e:
         raise UsageError(f"--chunk-size: {e}") from e
+    if model.args.kind == "cat_adaptive":
+        try:
+            trained = trained_chunk_sizes(pre)
+        except ValueError:  # a recorded curriculum that no longer parses: nothing to compare with
+            trained = [C]
+        if C not in trained:  # valid for the weights, but the curriculum never drew it
+            what = f"--chunk-size {C}" if chunk_size is not None else f"chunk size {C} (the default, the largest)"
+            print(f"warning: {what} was never used in training: the curriculum drew only {trained}; "
+                  f"output at an untrained size may be poor, pass --chunk-size with one of those",
+                  file=sys.stderr)
+    return C
 
 
 def main(argv=None) -> int:
@@ -159,7 +186,7 @@ def run(a) -> int:
     pre = load_model(a.model, device=device, dtype=resolve_dtype(a.dtype, device))
     model = pre.model
     tok = load_tokenizer(a, pre)
-    C = check_chunk_size(model, a.chunk_size)
+    C = check_chunk_size(pre, a.chunk_size)
     ids = encode_prompts(a, tok, prompts, model.args.block_size)
     vocab = tok.vocab_size  # <= the model's (load_tokenizer); larger ids could not be decoded
     eos = tok.eot_id

@@ -2,9 +2,10 @@
 ``test`` extra installs it). Headless: the Agg backend writes PNG files.
 
 - ``plot_quality_vs_cost``: two panels, validation loss against generation tokens/s and
-  against peak memory; one point per chunk size (labelled C=..), joined per model, so an
-  adaptive CAT draws the curve its test-time knob moves along; baseline rows (a dense model)
-  are a star and a dotted line at their loss.
+  against peak memory; one point per chunk size (labelled C=..), joined per model (rows with
+  the same ``input``, else the same model name and role), so an adaptive CAT draws the curve
+  its test-time knob moves along; baseline rows (a dense model) are a star and a dotted line
+  at their loss.
 - ``plot_loss_curves``: validation (and training) loss against step from runs' metrics.jsonl.
 """
 
@@ -54,16 +55,15 @@ def plot_quality_vs_cost(rows: list[dict], path: Path, title: Optional[str] = No
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     xs = [("tokens_per_s", 1.0, "generation throughput (tokens/s)" if speed else "generation speed not measured"),
           (mem_key, mem_scale, mem_label)]
-    series = list(dict.fromkeys((r["model"], r.get("role") == "baseline") for r in rows))
+    series = plot_series(rows)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, scale, xlabel) in zip(axes, xs):
-        for i, (name, baseline) in enumerate(series):
-            pts = sorted((r for r in rows if r["model"] == name and (r.get("role") == "baseline") == baseline
-                          and r.get(key)), key=lambda r: r.get("chunk_size") or 0)
+        for i, group in enumerate(series):
+            pts = sorted((r for r in group if r.get(key)), key=lambda r: r.get("chunk_size") or 0)
             if not pts:
                 continue
             x, y = [r[key] * scale for r in pts], [r["val_loss"] for r in pts]
-            kind = pts[0]["kind"]
+            name, kind, baseline = pts[0]["model"], pts[0]["kind"], pts[0].get("role") == "baseline"
             if baseline:
                 style = dict(marker="*", markersize=14, color="black", linestyle="--" if len(pts) > 1 else "none",
                              label=f"baseline: {name} ({kind})")
@@ -90,6 +90,17 @@ def plot_quality_vs_cost(rows: list[dict], path: Path, title: Optional[str] = No
     if handles:
         axes[1].legend(handles, labels, fontsize=8, loc="best")
     return _save(fig, plt, path, title)
+
+
+def plot_series(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each line of ``plot_quality_vs_cost``, in order: grouped by ``input`` (the
+    model's position among tools/evaluate.py's inputs, so two models with equal labels are never
+    joined into one line), else by label and role."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = ("input", r["input"]) if "input" in r else (r["model"], r.get("role") == "baseline")
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

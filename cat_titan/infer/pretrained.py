@@ -12,6 +12,7 @@ from the file's safetensors metadata or the checkpoint's ``meta.json``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -43,14 +44,43 @@ class Pretrained:
     @property
     def label(self) -> str:
         """A short name: the file's stem, or the run directory's name."""
-        p = self.path
-        if p.is_dir() and p.name.startswith("step-") and p.parent.name == "checkpoints":
-            return p.parent.parent.name
-        return p.stem if p.is_file() else p.name
+        return path_label(self.path)
 
     def section(self, name: str) -> dict:
         value = self.train_config.get(name)
         return value if isinstance(value, dict) else {}
+
+
+def path_label(path: str | Path) -> str:
+    """A short name for a model path: the file's stem, or the run directory's name."""
+    p = Path(path)
+    if p.is_dir() and p.name.startswith("step-") and p.parent.name == "checkpoints":
+        return p.parent.parent.name
+    return p.stem if p.is_file() else p.name
+
+
+def distinct_labels(paths: list[str | Path]) -> list[str]:
+    """``path_label`` of each path; where labels collide (runs/a/model.safetensors and
+    runs/b/model.safetensors are both "model"), the shortest path suffix that tells the
+    colliding paths apart instead ("a/model", "b/model")."""
+    def parts(path) -> tuple[str, ...]:
+        # absolute, so "model.safetensors" and "../b/model.safetensors" differ; symlinks kept as named
+        p = Path(os.path.abspath(path))
+        return (*p.parent.parts, p.stem) if p.is_file() else p.parts
+
+    labels = [path_label(p) for p in paths]
+    for label in set(labels):
+        group = {i: parts(paths[i]) for i, x in enumerate(labels) if x == label}
+        if len(group) < 2:
+            continue
+        longest = max(map(len, group.values()))
+        for k in range(1, longest + 1):
+            tails = {i: str(Path(*ps[-k:])) for i, ps in group.items()}
+            if len(set(tails.values())) == len(group) or k == longest:  # the same path twice never differs
+                for i, tail in tails.items():
+                    labels[i] = tail
+                break
+    return labels
 
 
 def resolve_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:

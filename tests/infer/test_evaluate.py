@@ -80,3 +80,21 @@ def test_eval_json_is_strict_json_when_a_loss_diverged(tmp_path):
 
     back = json.loads(json_path.read_text(), parse_constant=refuse)["rows"][0]
     assert back["val_loss"] is None and back["val_ppl"] is None and back["tokens_per_s"] == 10.0
+
+
+def test_distinct_labels_use_the_shortest_path_suffix_that_differs(tmp_path, monkeypatch):
+    from cat_titan.infer.pretrained import distinct_labels
+
+    names = ["a/model.safetensors", "b/model.safetensors", "c.safetensors", "x/runs/a/y.safetensors",
+             "z/runs/a/y.safetensors", "runs/solo"]
+    for name in names:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "runs/solo":  # a run directory
+            path.mkdir()
+        else:
+            path.write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "a")
+    paths = ["model.safetensors", "../b/model.safetensors", *(str(tmp_path / n) for n in names[2:])]
+    assert distinct_labels(paths) == ["a/model", "b/model", "c", "x/runs/a/y", "z/runs/a/y", "solo"]
+    assert distinct_labels(paths[:1] * 2) == [str(tmp_path / "a" / "model")] * 2  # the same file twice

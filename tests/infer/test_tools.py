@@ -194,6 +194,85 @@ def test_evaluate_cli_writes_csv_json_png(study, tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_evaluate_tells_models_with_equal_file_names_apart(study, tmp_path, capsys):
+    """Exports all named model.safetensors (as the README's export example writes them) were all
+    labelled "model", and the plot joined the fixed CAT's point to the adaptive CAT's line."""
+    import shutil
+
+    from cat_titan.infer.plots import plot_series
+
+    ex = study / "work" / "exports"
+    paths = {}
+    for name in ("cat_adaptive", "cat", "dense"):
+        paths[name] = tmp_path / "runs" / name / "model.safetensors"
+        paths[name].parent.mkdir(parents=True)
+        shutil.copy(ex / f"{name}.safetensors", paths[name])
+    base = [str(paths["cat_adaptive"]), str(paths["cat"]), "--baseline", str(paths["dense"]), "--max-batches", "1",
+            "--no-speed", "--device", "cpu"]
+    ev = _tool("evaluate")
+    for extra, want in (([], ["cat_adaptive/model"] * 3 + ["cat/model", "dense/model"]),
+                        (["--labels", "same,same"], ["same"] * 4 + ["dense/model"])):  # equal by request
+        out = tmp_path / ("eval" + "".join(extra))
+        assert ev.main(base + extra + ["--out", str(out)]) == 0
+        rows = json.loads((out / "eval.json").read_text())["rows"]
+        assert [r["model"] for r in rows] == want, capsys.readouterr().out
+        # one line per input, whatever the labels
+        assert [[(r["kind"], r["chunk_size"]) for r in s] for s in plot_series(rows)] == [
+            [("cat_adaptive", 2), ("cat_adaptive", 4), ("cat_adaptive", 8)], [("cat", 8)], [("dense", None)]]
+        _png_ok(out / "eval.png")
+    capsys.readouterr()
+
+
+def _rank_file(path: Path, tokens: list[bytes]) -> Path:
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return path
+
+
+def test_generate_warns_about_a_tokenizer_other_than_the_trained_one(study, tmp_path, capsys):
+    path = study / "work" / "exports" / "cat.safetensors"  # trained with "byte" (257 tokens)
+    # the byte tokenizer's ranks in a file: another spec, the same identity
+    same = _rank_file(tmp_path / "bytes.tiktoken", [bytes([i]) for i in range(256)])
+    # 257 tokens too, so it fits the vocabulary, but every id stands for another byte
+    other = _rank_file(tmp_path / "reversed.tiktoken", [bytes([255 - i]) for i in range(256)])
+    gen = _tool("generate")
+    argv = [str(path), "--prompt", "x", "--max-new-tokens", "3", "--quiet", "--tokenizer"]
+    assert gen.main(argv + [str(same)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert gen.main(argv + [str(other)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: tokenizer") and f"file:{other}" in err and "'byte'" in err, err
+
+
+def test_generate_says_how_to_replace_a_moved_rank_file(tmp_path, capsys):
+    ranks = _rank_file(tmp_path / "ranks.tiktoken", [bytes([i]) for i in range(256)] + [b"  ", b"e ", b"th"])
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "debug_cat.yaml"),
+                           f"job.run_dir={run_dir}", "training.steps=2", "data.seq_len=64", "training.global_batch=2",
+                           "training.micro_batch=2", f"data.tokenizer={ranks}", "data.corpus_max_bytes=100000",
+                           "model.vocab_size=260", "training.sample_tokens=0"], capture_output=True, text=True,
+                          env={**ENV, "CAT_TITAN_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    copy = ranks.rename(tmp_path / "copy.tiktoken")  # the recorded path is gone
+    gen = _tool("generate")
+    argv = [str(run_dir), "--prompt", "x", "--max-new-tokens", "3", "--quiet"]
+    assert gen.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{ranks} " in err and "pass --tokenizer PATH to a copy of the same rank file" in err, err
+    assert gen.main(argv + ["--tokenizer", str(copy)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_generate_warns_about_a_chunk_size_training_never_drew(study, capsys):
+    path = study / "work" / "exports" / "cat_adaptive.safetensors"  # valid 1, 2, 4, 8; trained 2, 4, 8
+    gen = _tool("generate")
+    argv = [str(path), "--prompt", "x", "--max-new-tokens", "3", "--quiet", "--chunk-size"]
+    assert gen.main(argv + ["1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --chunk-size 1 was never used in training" in err and "[2, 4, 8]" in err, err
+    assert gen.main(argv + ["2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_detokenizer_handles_split_characters():
     tok = get_tokenizer("byte")
     text = "añ€😀 ok"

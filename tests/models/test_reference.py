@@ -47,6 +47,8 @@ def test_parity_cli_all_fixtures():
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 9 and all(line.endswith("ok") or " ok " in line for line in lines), out.stdout
+    # greedy lines count tokens; they said "max_abs_diff=0 tokens differ ok 0 differing tokens"
+    assert "cat.safetensors greedy_tokens[cached]: 0 tokens differ out of 64 ok" in lines, out.stdout
 
 
 # --------------------------------------------------------------------------------------
