@@ -92,8 +92,8 @@ def test_bad_specs_name_the_value_and_the_forms(tmp_path):
         get_tokenizer(str(bad))
 
 
-def test_unavailable_encoding_explains_the_fix(tmp_path, monkeypatch):
-    # An empty cache and an unreachable proxy: a real download failure on any machine.
+def unavailable_p50k(tmp_path, monkeypatch) -> TokenizerUnavailableError:
+    """A real download failure on any machine: an empty cache and an unreachable proxy."""
     if "p50k_base" in tiktoken.registry.ENCODINGS:
         pytest.skip("p50k_base is already loaded in this process")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
@@ -103,10 +103,15 @@ def test_unavailable_encoding_explains_the_fix(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(TokenizerUnavailableError) as e:
         get_tokenizer("p50k_base")
-    msg = str(e.value)
+    return e.value
+
+
+def test_unavailable_encoding_explains_the_fix(tmp_path, monkeypatch):
+    err = unavailable_p50k(tmp_path, monkeypatch)
+    msg = str(err)
     for word in ("'p50k_base'", "TIKTOKEN_CACHE_DIR", "'byte'", ".tiktoken"):
         assert word in msg
-    assert isinstance(e.value, ValueError)
+    assert isinstance(err, ValueError)
 
 
 def test_gpt2_if_cached():
@@ -137,21 +142,13 @@ def test_rank_files_that_tiktoken_would_panic_on_are_refused_on_load(tmp_path):
 def test_unavailable_encoding_names_the_cache_file_tiktoken_reads(tmp_path, monkeypatch):
     # tiktoken caches under the SHA-1 of the URL: the message names that exact path. tiktoken
     # deletes a cached file whose hash is wrong, which shows that it read the named path.
-    if "p50k_base" in tiktoken.registry.ENCODINGS:
-        pytest.skip("p50k_base is already loaded in this process")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    for var in ("HTTPS_PROXY", "https_proxy"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    for var in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    with pytest.raises(TokenizerUnavailableError) as e:
-        get_tokenizer("p50k_base")
-    named = re.search(r"tiktoken reads it from (\S+)\.", str(e.value))
-    assert named, str(e.value)
+    err = unavailable_p50k(tmp_path, monkeypatch)
+    named = re.search(r"tiktoken reads it from (\S+)\.", str(err))
+    assert named, str(err)
     cached = Path(named.group(1))
     assert cached.parent == tmp_path
     cached.write_text("not the real rank file")
     with pytest.raises(TokenizerUnavailableError):
         get_tokenizer("p50k_base")
     assert not cached.exists()
-    assert "tiktoken.get_encoding('p50k_base')" in str(e.value)  # how to fill a cache elsewhere
+    assert "tiktoken.get_encoding('p50k_base')" in str(err)  # how to fill a cache elsewhere
