@@ -233,6 +233,12 @@ class Trainer:
         self.train_data = ShardedTokens(data_dir, "train")
         self.train_data.check_tokenizer(cfg.model.vocab_size)
         self.tokenizer_spec = self.train_data.manifest["tokenizer"].get("spec", cfg.data.tokenizer)
+        if cfg.data.path and self.tokenizer_spec != cfg.data.tokenizer:
+            # data.tokenizer names the embedded corpus's tokenizer; prepared shards carry their own
+            self.log(f"[data] {cfg.data.path} was prepared with tokenizer {self.tokenizer_spec!r}; "
+                     f"data.tokenizer={cfg.data.tokenizer!r} applies only to the embedded corpus (config.yaml "
+                     f"records the one in use)")
+            cfg.data.tokenizer = self.tokenizer_spec
 
         # ---- model: meta -> parallelize -> materialise -> init
         self.model_args = cfg.model.args()

@@ -131,3 +131,20 @@ def test_divergence_under_nonfinite_stop_exits_3(tmp_path, capsys):
                  "checkpoint.interval=0", steps=20) == 3
     err = capsys.readouterr().err
     assert "non-finite" in err and "training.nonfinite=skip" in err
+
+
+def test_prepared_data_records_the_tokenizer_it_was_prepared_with(tmp_path, capsys):
+    """data.tokenizer names the embedded corpus's tokenizer: with data.path the shards' own
+    tokenizer is used, the run says so, and config.yaml records that one (it recorded the
+    ignored value)."""
+    from cat_titan.config import load_config
+    from cat_titan.data.corpus import prepare_corpus
+
+    src = tmp_path / "txt"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x + 1\n" * 400)
+    prepare_corpus([src], tmp_path / "data", "byte", val_fraction=0.1)
+    run = tmp_path / "run"
+    assert train(run, f"data.path={tmp_path / 'data'}", "data.tokenizer=cl100k_base", steps=1) == 0
+    assert "was prepared with tokenizer 'byte'; data.tokenizer='cl100k_base' applies only" in capsys.readouterr().out
+    assert load_config(str(run / "config.yaml"), []).data.tokenizer == "byte"
