@@ -95,10 +95,9 @@ def run_parity(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
         results.append(ParityResult(name, diff, diff <= tolerance))
     if "greedy_tokens" in others and "greedy_prompt" in others:
         want = others["greedy_tokens"]
-        got = greedy_full_forward(model, others["greedy_prompt"].to(device), want.shape[1]).cpu()
-        bad = int((got != want).sum())
-        results.append(ParityResult("greedy_tokens[full-forward]", bad, bad == 0, f"{bad} differing tokens"))
-        got = greedy_cached(model, others["greedy_prompt"].to(device), want.shape[1]).cpu()
-        bad = int((got != want).sum())
-        results.append(ParityResult("greedy_tokens[cached]", bad, bad == 0, f"{bad} differing tokens"))
+        for name, decode in (("greedy_tokens[full-forward]", greedy_full_forward),
+                             ("greedy_tokens[cached]", greedy_cached)):
+            got = decode(model, others["greedy_prompt"].to(device), want.shape[1]).cpu()
+            bad = int((got != want).sum())
+            results.append(ParityResult(name, bad, bad == 0, f"{bad} tokens differ out of {want.numel()}"))
     return results
