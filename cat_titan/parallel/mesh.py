@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,23 +49,18 @@ class ParallelDims:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_type: str) -> tuple[int, int, int]:
     """Start the default process group (also for a single process, so that one code path
     serves 1..N ranks). Returns (world, rank, local_rank)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python train.py`: a group of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # torchrun / Slurm: rendezvous from the environment
+            dist.init_process_group(backend=backend)
+        else:  # plain `python train.py`: a group of one, in memory (no port, no variables left
+            # behind for processes this one starts)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
 
 

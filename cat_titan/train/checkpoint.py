@@ -200,16 +200,22 @@ def check_model_matches(path: Path, current, meta: Optional[dict] = None) -> Non
                               f"shapes either)")
 
 
-def history_origin(resume: Optional[Path], run_dir: str | Path) -> Optional[dict]:
+def _origin(path: Path, meta: dict) -> dict:
+    """A checkpoint named as the origin of a history (``history_origin``)."""
+    return {"path": str(path.resolve()), "step": int(meta["step"])}
+
+
+def history_origin(resume: Optional[Path], run_dir: str | Path, meta: Optional[dict] = None) -> Optional[dict]:
     """Where the history a run continues began, stored in every checkpoint's meta.json as
     ``origin``: None for a run started afresh (or from weights, checkpoint.init_from); the
     checkpoint itself when resumed from another run directory's checkpoint; inherited when
-    resumed from one of its own."""
+    resumed from one of its own. meta: ``resume``'s meta.json, if already read."""
     if resume is None:
         return None
+    meta = meta if meta is not None else read_meta(resume)
     if resume.resolve().parent == checkpoint_root(run_dir).resolve():
-        return read_meta(resume).get("origin")
-    return {"path": str(resume.resolve()), "step": int(read_meta(resume)["step"])}
+        return meta.get("origin")
+    return _origin(resume, meta)
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
@@ -248,17 +254,16 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
         path = newest
     meta = verify_checkpoint(path)
     newer = [(s, p) for s, p in existing if s > int(meta["step"]) and p.resolve() != path.resolve()]
-    origin = {"path": str(path.resolve()), "step": int(meta["step"])}
-    if newer and all(read_meta(p).get("origin") == origin for _, p in newer):
+    steps = [s for s, _ in newer]
+    if newer and all(read_meta(p).get("origin") == _origin(path, meta) for _, p in newer):
         newest = newer[-1][1]  # this job, requeued: its own newest checkpoint
         warnings.warn(f"checkpoint.resume={resume}: {checkpoint_root(run_dir)} already continues that checkpoint "
-                      f"(steps {[s for s, _ in newer]}); resuming from its newest, {newest}")
+                      f"(steps {steps}); resuming from its newest, {newest}")
         verify_checkpoint(newest)
         return newest
     if newer:
-        newer = [s for s, _ in newer]
         raise CheckpointError(f"checkpoint.resume={resume} is at step {meta['step']} but {checkpoint_root(run_dir)} "
-                              f"holds newer complete checkpoints (steps {newer}) that this run would overwrite or "
+                              f"holds newer complete checkpoints (steps {steps}) that this run would overwrite or "
                               f"mix with; resume into a new job.run_dir, or move those checkpoints away")
     return path
 

@@ -155,9 +155,10 @@ def init_source(cfg: Config) -> Optional[Path]:
 STREAM_KEYS = (("data", "seq_len"), ("training", "global_batch"), ("training", "seed"))
 
 
-def check_stream_matches(resume: Path, cfg: Config) -> None:
-    """Refuse, naming every key, a resume whose config changes the sample stream."""
-    saved = read_meta(resume).get("config", {})
+def check_stream_matches(resume: Path, cfg: Config, meta: dict) -> None:
+    """Refuse, naming every key, a resume whose config changes the sample stream (meta:
+    ``resume``'s meta.json)."""
+    saved = meta.get("config", {})
     diff = [f"{a}.{b}: checkpoint {saved[a][b]!r} vs config {getattr(getattr(cfg, a), b)!r}"
             for a, b in STREAM_KEYS if b in saved.get(a, {}) and saved[a][b] != getattr(getattr(cfg, a), b)]
     if diff:
@@ -190,9 +191,10 @@ def preflight_checkpoint(cfg: Config) -> Optional[Path]:
     args = cfg.model.args()
     try:
         resume = resolve_resume(cfg.job.run_dir, cfg.checkpoint.resume)
-        if resume is not None:
-            check_model_matches(resume, args)
-            check_stream_matches(resume, cfg)
+        if resume is not None:  # verified by resolve_resume
+            meta = read_meta(resume)
+            check_model_matches(resume, args, meta)
+            check_stream_matches(resume, cfg, meta)
         elif (src := init_source(cfg)) is not None:  # a resumed run continues from its own checkpoint
             if src.is_dir():
                 check_model_matches(src, args)
@@ -274,6 +276,7 @@ class Trainer:
 
         from .. import __version__
 
+        saved = read_meta(resume) if resume is not None else None  # the resumed checkpoint's meta.json
         meta = {"config": confutil.to_dict(cfg), "model_shape": self.model_args.shape_dict(),
                 "model_args": confutil.to_dict(self.model_args), "tokenizer": self.tokenizer_spec,
                 "tokenizer_info": self.train_data.manifest["tokenizer"], "data_dir": str(self.data_dir),
@@ -281,7 +284,7 @@ class Trainer:
                 "layout": {"dp_replicate": self.pdims.dp_replicate, "dp_shard": self.pdims.dp_shard,
                            "tp": self.pdims.tp, "fsdp": use_fsdp, "mixed_precision": self.mixed_precision},
                 "torch": torch.__version__, "cat_titan": __version__,
-                "origin": history_origin(resume, self.run_dir)}
+                "origin": history_origin(resume, self.run_dir, saved)}
         # Host-side agreement (preemption flags, async-save completion) runs on a CPU group,
         # so nothing in the step loop waits for the GPU; async saves get their own (their
         # collectives run in a background thread, which must not interleave with ours).
@@ -298,8 +301,8 @@ class Trainer:
             except (CheckpointError, DataError) as e:  # nothing is written yet
                 raise ConfigError([f"cannot resume from {resume}: {e}"]) from e
             self.log(f"[checkpoint] resumed from {resume} at step {self.state.step}")
-            self._apply_optimizer_config(resume)
-            self._warn_if_schedule_moves(resume)
+            self._apply_optimizer_config(saved)
+            self._warn_if_schedule_moves(saved)
 
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,12 +314,12 @@ class Trainer:
                                      t.steps, purge_after=self.state.step)
         self.peak = peak_flops(device)
 
-    def _apply_optimizer_config(self, resume: Path) -> None:
+    def _apply_optimizer_config(self, saved: dict) -> None:
         """A resumed optimizer comes back with the checkpoint's lr, betas, eps and weight decay;
         the schedule's shape comes from this run's config. The config wins for all of them
         (the config.yaml this run writes must say what it trains with); changes are logged."""
         o = self.cfg.optimizer
-        old = read_meta(resume).get("config", {}).get("optimizer", {})
+        old = saved.get("config", {}).get("optimizer", {})
         changed = [f"optimizer.{k} {old[k]} -> {getattr(o, k)}" for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
                    if k in old and old[k] != getattr(o, k)]
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
@@ -328,13 +331,12 @@ class Trainer:
         if changed:
             self.log("[checkpoint] this run's config changes " + ", ".join(changed))
 
-    def _warn_if_schedule_moves(self, resume: Path) -> None:
+    def _warn_if_schedule_moves(self, saved: dict) -> None:
         """curriculum.per=micro_step draws per (step, micro-step): another number of micro-steps
         per step (another data-parallel layout or micro_batch) continues with another schedule."""
         if self.curriculum is None or self.curriculum.per != "micro_step":
             return
-        meta = read_meta(resume)
-        t, layout = meta.get("config", {}).get("training", {}), meta.get("layout", {})
+        t, layout = saved.get("config", {}).get("training", {}), saved.get("layout", {})
         dp = layout.get("dp_replicate", 1) * layout.get("dp_shard", 1)
         if "micro_batch" in t and "global_batch" in t:
             before = t["global_batch"] // (t["micro_batch"] * dp)
