@@ -39,6 +39,7 @@ from cat_titan.data.shards import (
     check_out_dir,
     corpus_lock,
     dtype_for_vocab,
+    first_few,
     write_shards,
 )
 from cat_titan.data.tokenizer import Tokenizer, get_tokenizer
@@ -268,10 +269,9 @@ class _Progress:
     def skipped(self, files: Sequence[Path]) -> None:
         # a file left out silently looks like a file tokenized
         if self.enabled and files:
-            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
             self.stream.write(
                 f"prepare_data: skipped {len(files)} file{'s' * (len(files) > 1)} with unsupported "
-                f"extensions: {', '.join(map(str, files[:5]))}{more}\n"
+                f"extensions: {first_few(files)}\n"
             )
             self.stream.flush()
 

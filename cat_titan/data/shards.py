@@ -151,9 +151,14 @@ def _not_prepared_data(path: Path) -> str | None:
         and not (_SHARD_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
     )
     if foreign:
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        return f"it also holds {', '.join(foreign[:5])}{more}"
+        return f"it also holds {first_few(foreign)}"
     return None
+
+
+def first_few(items: Sequence, k: int = 5) -> str:
+    """The first k items for a message, and how many more there are."""
+    more = f" and {len(items) - k} more" if len(items) > k else ""
+    return ", ".join(map(str, items[:k])) + more
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
