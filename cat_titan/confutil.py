@@ -812,12 +812,20 @@ def dump_yaml(
     lines: list[str] = []
     _emit(obj, 0, lines, comments)
     text = "\n".join(lines) + "\n"
-    if path is not None:  # write-then-rename: a full disk or a kill never leaves half a config
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+    if path is not None:
+        write_atomic(path, text)
     return text
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write-then-rename: a full disk or a kill leaves the old file or the new one, never half
+    of one (the data reach the disk before the name points at them)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------- docs

@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from ..confutil import write_atomic
+
 MARKER = "COMPLETE"
 META = "meta.json"
 DCP_METADATA = ".metadata"
@@ -360,15 +362,6 @@ class ModelOptim(Stateful):
 # ---------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -466,8 +459,8 @@ class Checkpointer:
         dist.barrier()  # every rank's shards are on disk
         if self.is_main:
             meta = {"format_version": FORMAT_VERSION, **self.meta, "step": step, **info, "saved_at": time.time()}
-            _write_atomic(path / META, json.dumps(meta, indent=1))
-            _write_atomic(path / MARKER, f"step {step}\n")  # written last
+            write_atomic(path / META, json.dumps(meta, indent=1))
+            write_atomic(path / MARKER, f"step {step}\n")  # written last
             _fsync_dir(path)
             self._retain()
             print(f"[checkpoint] saved {path} ({time.time() - t0:.1f}s)", flush=True)

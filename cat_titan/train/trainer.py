@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .. import confutil
 from ..config import Config, load_config, save_config
-from ..confutil import ConfigError
+from ..confutil import ConfigError, write_atomic
 from ..models.registry import build_model, flops_per_token
 from ..parallel.mesh import ParallelDims, build_parallel_dims
 from ..parallel.parallelize import (clip_divisor, clip_grad_norm_, compiled_graphs, grad_norm, loss_parallel_context,
@@ -383,9 +383,7 @@ class Trainer:
                 continue
             kept.append(line)
         if dropped:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
             self.log(f"[metrics] metrics.jsonl: dropped {dropped} rows logged after step {step} by an "
                      f"interrupted attempt")
 
