@@ -311,7 +311,9 @@ def parallel_problems(cfg: Config, world: int) -> list[str]:
         errs.append(f"training.mixed_precision=autocast with parallelism.tp={p.tp} is not supported (tensor-parallel "
                     f"blocks under autocast are untested); set training.mixed_precision=fsdp")
     if p.tp > 1:
-        heads = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)]
+        # a CAT layer's inner attention has its own heads: n_heads only sets its rotary width
+        dense = m.kind != "cat_layer" or "dense" in m.layer_kinds()
+        heads = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)] if dense else []
         if m.kind in ("cat", "cat_adaptive"):
             heads += [("model.compressor_heads", m.compressor_heads), ("model.compressor_kv_heads", m.c_kv_heads)]
         if m.kind == "cat_layer":

@@ -92,3 +92,14 @@ def test_batch_and_override_errors_suggest_the_fix(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"a config file goes after --config: --config configs/x.yaml"):
         load_config(None, ["configs/x.yaml"])  # `train.py configs/x.yaml` without --config
+
+
+def test_tp_head_check_skips_decoder_heads_of_an_all_cat_layer_stack(monkeypatch):
+    """A CAT layer splits its inner heads (dim_fx / cat_layer_head_dim) under TP; model.n_heads
+    only sets its rotary width, so an all-CAT stack need not divide it (tests/parallel/test_tp.py
+    runs such a model with tp=2)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = ["job.run_dir=x", "model.preset=debug-hybrid", "model.n_heads=1", "parallelism.tp=2"]
+    load_config(None, [*base, "model.layer_pattern=[cat]"])
+    with pytest.raises(ConfigError, match="model.n_heads=1 is not divisible by parallelism.tp=2"):
+        load_config(None, base)  # [cat, cat, dense]: the dense layer splits n_heads

@@ -199,6 +199,10 @@ def run_tp2(rank, world, out_root):
     args = case_args("hybrid")
     x, y = batch(args)
     results["hybrid/no_sp"] = check_parallel(args, pdims, x, y, reference(args, x, y), sp=False)[0]
+    # CAT layers only, with a decoder head count TP does not divide: only the inner heads split
+    args = case_args("hybrid").replace(layer_pattern=["cat"], n_heads=1, n_kv_heads=None)
+    x, y = batch(args)
+    results["cat_layers_only"] = check_parallel(args, pdims, x, y, reference(args, x, y))[0]
     # FSDP (no TP) with per-block compile, against eager (the cheapest model: CPU compiles slowly).
     args = case_args("dense")
     x, y = batch(args)
@@ -280,7 +284,7 @@ def _assert_close(results, keys):
 
 def test_tp2_losses_grads_step_equal_single_process(tp2):
     _, results = tp2
-    _assert_close(results, [*CASES, "hybrid/no_sp"])
+    _assert_close(results, [*CASES, "hybrid/no_sp", "cat_layers_only"])
 
 
 def test_activation_checkpointing_modes_equal_none(tp2):
