@@ -128,3 +128,31 @@ def test_usr1_to_one_rank_stops_the_local_launch_with_a_checkpoint_and_75(tmp_pa
             os.killpg(p.pid, signal.SIGKILL)
     steps = sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "COMPLETE").is_file())
     assert len(steps) == 1 and steps[0] >= 2, (steps, log.read_text()[-3000:])
+
+
+def test_a_save_error_on_rank_0_only_ends_the_launch_instead_of_hanging(tmp_path, env):
+    """Only rank 0 prepares a checkpoint directory, so an error there (here: a file where the
+    step's directory must go) leaves the other ranks in a barrier. torchrun's agent ends them
+    when rank 0 exits, so the launch fails at once instead of waiting out a collective
+    timeout; nothing else in the run directory is touched."""
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    (run / "checkpoints").mkdir(parents=True)
+    blocker = run / "checkpoints" / "step-4"
+    blocker.write_text("not a checkpoint\n")
+    argv = ["bash", "scripts/launch_local.sh", "configs/debug_cat.yaml", f"job.run_dir={run}", *TINY,
+            "checkpoint.interval=4"]
+    t0 = time.time()
+    p = start(argv, {**env, "NPROC": "2", "CAT_TITAN_PYTHON": sys.executable}, log)
+    try:
+        rc = p.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        pytest.fail("the launch hung after rank 0's save error:\n" + log.read_text()[-3000:])
+    text = log.read_text()
+    assert rc != 0 and "[rank0]" in text and "NotADirectoryError" in text, text[-3000:]
+    assert time.time() - t0 < TIMEOUT / 2, text[-3000:]
+    assert blocker.read_text() == "not a checkpoint\n"
+    assert len(losses(run)) == 4, text[-3000:]  # steps 1-4 ran, then the save at step 4 failed
