@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                    help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
     p.add_argument("--fused-linear", action="store_true",
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
-                        "(cat_titan.infer.decode_linear; CUDA)")
+                        "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned tiles)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "

@@ -32,6 +32,11 @@ Off CUDA (and for shapes the kernel does not take) the same function runs the mo
 modules (``reference_decode_linear``), so a CPU runner computes exactly what the unfused
 step does. tests/infer/test_decode_linear.py checks the kernel against it in Triton's
 interpreter (float32) for every epilogue and split, and inside a generation.
+
+Status (docs/benchmarks.md, session 11): correct on an H200 (the CUDA tests pass, split-K
+included), but with ``linear_config``'s untuned tiles a batch-64 decode step is slower than
+the default path (cuBLAS + inductor's pointwise kernels): 0.65x at chunk 8 and 32. Off by
+default until tuned tiles win.
 """
 
 from __future__ import annotations
