@@ -10,7 +10,8 @@ loss, clipping, optimizer step), fed random tokens, after warm-up.
 Prints tokens/s per GPU, MFU (registry.flops_per_token over the measured time, peak bf16
 FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory, the spread
 of step times and every step's time, and on CUDA how far the host ran ahead of the device
-(near 0: host-bound); --json writes them. --vs-fixed (adaptive CATs) then times each chunk
+(near 0: host-bound) and the GPU's SM clock and power draw over the timed steps (NVML, where
+nvidia-ml-py is installed: tells a power-capped machine from a slow step); --json writes them. --vs-fixed (adaptive CATs) then times each chunk
 size alone and compares the random curriculum with the same draws at fixed sizes. Runs on
 CPU too (smoke test, no MFU).
 """
@@ -96,16 +97,20 @@ def profile_steps(trainer, device, out: Path, steps: int = 3) -> dict:
     return summary
 
 
-def warm_and_time(trainer, warmup: int, steps: int, device):
+def warm_and_time(trainer, warmup: int, steps: int, device, sampler=None):
     """``warmup`` untimed steps (compilation happens there), a sync so that the device is idle
-    when the timer starts, then ``steps`` timed steps (metrics.time_steps)."""
+    when the timer starts, then ``steps`` timed steps (metrics.time_steps), inside ``sampler``
+    (a metrics.GpuSampler) when given."""
+    import contextlib
+
     from cat_titan.train.metrics import time_steps
 
     for _ in range(warmup):
         trainer.train_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time_steps(trainer.train_step, steps, device)
+    with sampler or contextlib.nullcontext():
+        return time_steps(trainer.train_step, steps, device)
 
 
 def time_fixed_sizes(trainer, warmup: int, steps: int, device) -> dict:
@@ -162,7 +167,7 @@ def main() -> int:
 
     from cat_titan.config import load_config
     from cat_titan.models.registry import flops_per_token
-    from cat_titan.train.metrics import mfu, peak_flops, percent, step_time_stats
+    from cat_titan.train.metrics import GpuSampler, mfu, peak_flops, percent, step_time_stats
     from cat_titan.train.trainer import Trainer, preflight
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +193,8 @@ def main() -> int:
             trainer.optimizer.zero_grad(set_to_none=True)
         cuda = device.type == "cuda"
         with trainer.gc:  # as in Trainer.run
-            wall, times, outs, lead = warm_and_time(trainer, a.warmup, a.steps, device)
+            gpu = GpuSampler(device)
+            wall, times, outs, lead = warm_and_time(trainer, a.warmup, a.steps, device, gpu)
             step_sizes = [[c for c in o["chunk_sizes"] if c is not None] for o in outs]
             sizes = [c for cs in step_sizes for c in cs]
             del outs
@@ -213,6 +219,7 @@ def main() -> int:
             **stats,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
+            "gpu": gpu.summary(), "gpu_error": gpu.error if cuda else None,  # this rank's GPU, timed steps
         }
         if fixed is not None:
             row["vs_fixed"] = compare_with_fixed(step_sizes, mean_step, fixed, tokens_per_step / world)
@@ -230,6 +237,16 @@ def main() -> int:
             if lead is not None:
                 print(f"  host ahead of the device at step ends: min {row['host_lead_s_min'] * 1e3:.1f} ms, median "
                       f"{row['host_lead_s_median'] * 1e3:.1f} ms (near 0: the device waits for the host)", flush=True)
+            g = row["gpu"]
+            if g is not None:
+                at_limit = (f"; at the limit in {g['at_power_limit_fraction']:.0%} of {g['samples']} samples"
+                            if g["at_power_limit_fraction"] is not None else "")
+                limit = f" (limit {g['power_limit_w']:.0f} W{at_limit})" if g["power_limit_w"] else ""
+                print(f"  GPU over the timed steps: SM clock mean {g['sm_clock_mhz_mean']:.0f} MHz (min "
+                      f"{g['sm_clock_mhz_min']:.0f}, max {g['sm_clock_mhz_max']:.0f}), power mean "
+                      f"{g['power_w_mean']:.0f} W, max {g['power_w_max']:.0f} W{limit}", flush=True)
+            elif cuda:
+                print(f"  GPU clock and power not sampled: {row['gpu_error']}", flush=True)
             if fixed is not None:
                 vs = row["vs_fixed"]
                 print("  fixed chunk sizes: " + ", ".join(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, TypeVar
@@ -92,6 +93,79 @@ def step_time_stats(wall: float, times: list[float], n: int, lead: Optional[list
     if lead is not None:
         stats.update(host_lead_s=lead, host_lead_s_min=min(lead), host_lead_s_median=statistics.median(lead))
     return stats
+
+
+def summarize_gpu_samples(samples: list[tuple[float, float, float]], power_limit_w: Optional[float]) -> dict:
+    """(seconds, SM clock MHz, power W) samples -> what a benchmark reports about the GPU's state."""
+    clocks, watts = [c for _, c, _ in samples], [w for _, _, w in samples]
+    out = {"samples": len(samples), "sm_clock_mhz_mean": statistics.mean(clocks), "sm_clock_mhz_min": min(clocks),
+           "sm_clock_mhz_max": max(clocks), "power_w_mean": statistics.mean(watts), "power_w_max": max(watts),
+           "power_limit_w": power_limit_w, "at_power_limit_fraction": None}
+    if power_limit_w:  # within 3% of the enforced limit: the power controller is holding the clock down
+        out["at_power_limit_fraction"] = sum(w >= 0.97 * power_limit_w for w in watts) / len(watts)
+    return out
+
+
+def _power_limit_w(device: torch.device) -> Optional[float]:
+    try:
+        import pynvml
+
+        return pynvml.nvmlDeviceGetEnforcedPowerLimit(torch.cuda._get_pynvml_handler(device)) / 1e3
+    except Exception:  # optional detail: NVML builds and torch versions differ
+        return None
+
+
+class GpuSampler:
+    """The SM clock and power draw of one GPU, sampled by a thread every ``interval`` seconds
+    while the context is open (NVML, through torch.cuda.clock_rate and power_draw; needs
+    nvidia-ml-py). A training step of the reference-sized CAT holds an H200 at its 700 W limit,
+    where the clock runs 10-15% under its maximum and dips further for a moment about one second
+    into the load (docs/benchmarks.md, session 11): the summary tells a slow machine from a slow
+    step. ``summary()`` is None off CUDA or without NVML (``error`` says why)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device, self.interval = device, interval
+        self.samples: list[tuple[float, float, float]] = []
+        self.error: Optional[str] = None
+        self.power_limit_w: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _read(self) -> tuple[float, float]:
+        return float(torch.cuda.clock_rate(self.device)), torch.cuda.power_draw(self.device) / 1e3  # MHz, W
+
+    def __enter__(self) -> "GpuSampler":
+        if self.device.type != "cuda":
+            self.error = "not a CUDA device"
+            return self
+        try:
+            self._read()
+        except Exception as e:  # no nvidia-ml-py, or NVML refused
+            self.error = f"{type(e).__name__}: {e}"
+            return self
+        self.power_limit_w = _power_limit_w(self.device)
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            try:
+                clock, watts = self._read()
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            self.samples.append((time.perf_counter() - t0, clock, watts))
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> Optional[dict]:
+        return summarize_gpu_samples(self.samples, self.power_limit_w) if self.samples else None
 
 
 class MetricsLogger:

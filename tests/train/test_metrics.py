@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from cat_titan.train.metrics import host_lead, mfu, percent, step_time_stats, time_steps
+from cat_titan.train.metrics import (GpuSampler, host_lead, mfu, percent, step_time_stats, summarize_gpu_samples,
+                                     time_steps)
 
 
 def test_mfu_is_tokens_times_flops_over_the_devices_peak():
@@ -33,6 +34,38 @@ def test_host_lead_and_its_stats():
     assert [round(x, 9) for x in lead] == [4.0, 3.5, 0.2]
     stats = step_time_stats(3.2, [0.5, 0.5], 3, lead)
     assert stats["host_lead_s_min"] == lead[2] and stats["host_lead_s_median"] == 3.5
+
+
+def test_gpu_samples_summary_counts_the_samples_at_the_power_limit():
+    # session 11's H200 log, shortened: ramp to the 700 W cap, a clock dip, then held at the cap
+    samples = [(0.0, 1980.0, 300.0), (0.1, 1710.0, 639.3), (0.2, 1485.0, 701.5), (0.3, 1725.0, 691.6),
+               (0.4, 1740.0, 693.2)]
+    g = summarize_gpu_samples(samples, 700.0)
+    assert g["samples"] == 5 and g["sm_clock_mhz_min"] == 1485.0 and g["sm_clock_mhz_max"] == 1980.0
+    assert abs(g["sm_clock_mhz_mean"] - (1980 + 1710 + 1485 + 1725 + 1740) / 5) < 1e-9
+    assert g["power_w_max"] == 701.5
+    assert g["at_power_limit_fraction"] == 3 / 5  # >= 679 W (97% of the limit)
+    assert summarize_gpu_samples(samples, None)["at_power_limit_fraction"] is None  # limit unknown
+
+
+def test_gpu_sampler_off_cuda_samples_nothing_and_says_why():
+    with GpuSampler(torch.device("cpu")) as gpu:
+        time.sleep(0.01)
+    assert gpu.summary() is None and gpu.error == "not a CUDA device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gpu_sampler_reads_clock_and_power_while_open():
+    """Needs nvidia-ml-py (torch.cuda.clock_rate / power_draw)."""
+    x = torch.randn(4096, 4096, device="cuda")
+    with GpuSampler(torch.device("cuda"), interval=0.01) as gpu:
+        for _ in range(200):
+            y = x @ x  # noqa: F841  (load for the sampler to see)
+        torch.cuda.synchronize()
+    g = gpu.summary()
+    assert g is not None, gpu.error
+    assert g["samples"] >= 1 and 0 < g["sm_clock_mhz_min"] <= g["sm_clock_mhz_max"] and g["power_w_max"] > 0
 
 
 @pytest.mark.gpu
