@@ -11,12 +11,13 @@ Prints tokens/s per GPU, MFU (registry.flops_per_token over the measured time, p
 FLOP/s of the device from cat_titan.train.metrics.PEAK_FLOPS), peak memory, the spread
 of step times and every step's time, and on CUDA how far the host ran ahead of the device
 (near 0: host-bound) and the GPU's SM clock and power draw over the timed steps (NVML, where
-nvidia-ml-py is installed: tells a power-capped machine from a slow step); --json writes them. --vs-fixed (adaptive CATs) then times each chunk
-size alone and compares the random curriculum with the same draws at fixed sizes. Runs on
-CPU too (smoke test, no MFU).
+nvidia-ml-py is installed: tells a power-capped machine from a slow step); --json writes
+them. --vs-fixed (adaptive CATs) then times each chunk size alone and compares the random
+curriculum with the same draws at fixed sizes. Runs on CPU too (smoke test, no MFU).
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -101,8 +102,6 @@ def warm_and_time(trainer, warmup: int, steps: int, device, sampler=None):
     """``warmup`` untimed steps (compilation happens there), a sync so that the device is idle
     when the timer starts, then ``steps`` timed steps (metrics.time_steps), inside ``sampler``
     (a metrics.GpuSampler) when given."""
-    import contextlib
-
     from cat_titan.train.metrics import time_steps
 
     for _ in range(warmup):

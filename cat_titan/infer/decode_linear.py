@@ -35,7 +35,7 @@ interpreter (float32) for every epilogue and split, and inside a generation.
 
 Status (docs/benchmarks.md, session 11): correct on an H200 (the CUDA tests pass, split-K
 included), but with ``linear_config``'s untuned tiles a batch-64 decode step is slower than
-the default path (cuBLAS + inductor's pointwise kernels): 0.65x at chunk 8 and 32. Off by
+the default path (cuBLAS + inductor's pointwise kernels): 0.67x at chunk 8, 0.65x at 32. Off by
 default until tuned tiles win.
 """
 
