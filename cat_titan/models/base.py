@@ -128,6 +128,18 @@ class RopeBuffer(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(bf16) casts every floating buffer. bf16 tables are off by up to 2^-9 relative,
+        # so late positions rotate visibly wrong (apply_rope computes in float32 anyway): under a
+        # cast to 16 bits, recompute them in float32 (casting back would keep the rounding).
+        super()._apply(fn, recurse)
+        if self.cos.element_size() < 4:
+            self.cos = torch.empty(self.cos.shape, dtype=torch.float32, device=self.cos.device)
+            self.sin = torch.empty(self.sin.shape, dtype=torch.float32, device=self.sin.device)
+            if self.cos.device.type != "meta":
+                self.init_buffers()
+        return self
+
     def gather(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Tables at the given position ids: (S, n_elem) each."""
         return self.cos[pos], self.sin[pos]

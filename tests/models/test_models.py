@@ -225,3 +225,23 @@ def test_short_attention_equals_sdpa(hq, hkv):
     k, v = (torch.randn(6, hkv, 9, 16, generator=g) for _ in range(2))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
     assert torch.allclose(short_attention(q, k, v), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", DEBUG)
+def test_rope_tables_stay_float32_under_bf16_cast(name):
+    """model.to(bf16) (export's loader, parity, bench_generate) used to round the cos/sin tables to
+    bf16; they stay float32, exactly rope_table's values, and still follow device moves."""
+    from cat_titan.models.base import RopeBuffer
+    from cat_titan.models.common import rope_table
+
+    model = build_model(get_preset(name), seed=0).to(torch.bfloat16)
+    tables = [m for m in model.modules() if isinstance(m, RopeBuffer)]
+    assert tables
+    for t in tables:
+        cos, sin = rope_table(t.n_elem, t.length, t.base)
+        assert t.cos.dtype == t.sin.dtype == torch.float32
+        assert torch.equal(t.cos, cos) and torch.equal(t.sin, sin)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    meta = build_model(get_preset(name), device="meta").to(torch.bfloat16)
+    assert all(m.cos.device.type == "meta" and m.cos.dtype == torch.float32
+               for m in meta.modules() if isinstance(m, RopeBuffer))
