@@ -14,7 +14,8 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
-    python tools/bench_attention.py --decode-linear  # decode_linear's settings vs the unfused ops
+    python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
+                                                     # stream-K settings vs the unfused ops; FILE: each best
     python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 
@@ -22,6 +23,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -335,7 +337,7 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
     pointwise kernels), M = batch rows, bf16. Each timing cycles through copies of the weight
     totalling cycle_bytes (twice the 60 MB L2), as a decode step streams every weight from HBM
     once."""
-    from cat_titan.infer.decode_linear import (_decode_linear_kernel, launch_decode_linear, linear_config,
+    from cat_titan.infer.decode_linear import (launch_decode_linear, linear_config,
                                                make_locks, reference_decode_linear)
     from cat_titan.models.common import RMSNorm
 
@@ -355,8 +357,8 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
 
         def row(label, fn, **extra):
             us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
-            r = {"linear": name, "M": batch, "K": K, "N": N, "variant": label, **extra, "us": us,
-                 "weight_TBps": weight_bytes / us / 1e6}
+            r = {"linear": name, "M": batch, "K": K, "N": N, "swiglu": swiglu, "qkv": False, "variant": label,
+                 **extra, "us": us, "weight_TBps": weight_bytes / us / 1e6}
             rows.append(r)
             return r
 
@@ -367,8 +369,8 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
         print(json.dumps(base), json.dumps({"default_config": default}), flush=True)
         def fused_row(cfg):
             try:
-                out = launch_decode_linear(_decode_linear_kernel, x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
-                row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks, 1e-5, swiglu,
+                out = launch_decode_linear(x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
+                row("fused", lambda w: launch_decode_linear(x, w, g, res, locks, 1e-5, swiglu,
                                                             cfg), **cfg, default=cfg == default,
                     max_err_vs_fp32=float((out.float() - ref).abs().max()))
             except Exception as e:  # e.g. out of shared memory or registers
@@ -379,9 +381,16 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
             for BK in (64, 128):
                 for split in (1, 2, 4):
                     if split == 1 or K // split >= BK:
-                        fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, num_warps=4, num_stages=3))
+                        fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, PROGRAMS=0, num_warps=4,
+                                       num_stages=3))
+        # stream-K: the same share of the weight per program, one or two programs per SM
+        for BN in (32, 64, 128):
+            for BK in (64, 128):
+                for programs in (sms, 2 * sms):
+                    fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=1, PROGRAMS=programs, num_warps=4,
+                                   num_stages=3))
         fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
-        tiles = {k: min(fused, key=lambda r: r["us"])[k] for k in ("BM", "BN", "BK", "SPLIT_K")}
+        tiles = {k: min(fused, key=lambda r: r["us"])[k] for k in ("BM", "BN", "BK", "SPLIT_K", "PROGRAMS")}
         for warps, stages in ((4, 2), (4, 4), (8, 3)):
             fused_row(dict(tiles, num_warps=warps, num_stages=stages))
         if default not in [{k: r[k] for k in default} for r in fused]:
@@ -395,11 +404,29 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
     return rows
 
 
+def tuned_entries(rows: list[dict]) -> list[dict]:
+    """Each linear's fastest fused setting among decode_linear_rows' rows, with the unfused
+    time beside it: the entries ``decode_linear.load_tuned_configs`` reads."""
+    from cat_titan.infer.decode_linear import CONFIG_KEYS
+
+    out = []
+    for name in dict.fromkeys(r["linear"] for r in rows):
+        timed_rows = [r for r in rows if r["linear"] == name and "us" in r]
+        fused = [r for r in timed_rows if r["variant"] == "fused"]
+        if not fused:
+            continue
+        best = min(fused, key=lambda r: r["us"])
+        base = next((r["us"] for r in timed_rows if r["variant"] != "fused"), None)
+        out.append(dict(linear=name, M=best["M"], N=best["N"], K=best["K"], swiglu=best["swiglu"], qkv=best["qkv"],
+                        config={k: best[k] for k in CONFIG_KEYS if k in best}, us=best["us"], unfused_us=base))
+    return out
+
+
 def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: int = 1536, heads: int = 24,
                     hd: int = 64, n_cols: int = 97) -> list[dict]:
     """decode_qkv (norm + wqkv + RoPE + K/V cache writes, one head per tile) at each K split /
     warp setting against the same ops unfused (inductor: norm, cuBLAS, RoPE, index_put)."""
-    from cat_titan.infer.decode_linear import (_decode_linear_kernel, launch_decode_linear, linear_config,
+    from cat_titan.infer.decode_linear import (launch_decode_linear, linear_config,
                                                reference_decode_qkv)
     from cat_titan.models.common import RMSNorm, rope_table
 
@@ -417,20 +444,22 @@ def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: in
 
     def row(label, fn, **extra):
         us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
-        r = {"linear": name, "M": batch, "K": D, "N": N, "variant": label, **extra, "us": us,
-             "weight_TBps": N * D * 2 / us / 1e6}
+        r = {"linear": name, "M": batch, "K": D, "N": N, "swiglu": False, "qkv": True, "variant": label, **extra,
+             "us": us, "weight_TBps": N * D * 2 / us / 1e6}
         rows.append(r)
         return r
 
     base = row("unfused (inductor + cuBLAS)", lambda w: unfused(x, w, norm, kc, vc, cos, sin, cols, 1, 1))
     default = linear_config(batch, N, D, False, sms, BN=hd)
+    # one head per tile: split-K, or stream-K over one or two programs per SM
+    schedules = [dict(SPLIT_K=s, PROGRAMS=0) for s in (1, 2, 4)] + [dict(SPLIT_K=1, PROGRAMS=p) for p in (sms, 2 * sms)]
     for BK in (64, 128):
-        for split in (1, 2, 4):
+        for sched in schedules:
             for warps, stages in ((4, 3), (8, 3)):
-                cfg = dict(BM=default["BM"], BK=BK, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                cfg = dict(BM=default["BM"], BK=BK, **sched, num_warps=warps, num_stages=stages)
                 qkv = (kc, vc, cos, sin, cols, 1, 1)
                 try:
-                    row("fused", lambda w: launch_decode_linear(_decode_linear_kernel, x, w, norm.weight, None, locks,
+                    row("fused", lambda w: launch_decode_linear(x, w, norm.weight, None, locks,
                                                                 1e-5, False, cfg, qkv=qkv), **cfg, BN=hd,
                         default=all(default[k] == v for k, v in cfg.items()))
                 except Exception as e:
@@ -459,6 +488,9 @@ def main() -> int:
     p.add_argument("--decode-linear", action="store_true",
                    help="only time decode_linear's settings against the unfused ops, at --decode-batch rows")
     p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-linear (64)")
+    p.add_argument("--write-config", type=Path, metavar="FILE",
+                   help="with --decode-linear: write each linear's fastest setting to FILE, for "
+                        "decode_linear.load_tuned_configs / bench_generate --linear-config")
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
     p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs")
@@ -466,6 +498,8 @@ def main() -> int:
                    help="only time the compressor's attention forms at the chunk sizes the presets train with")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
+    if a.write_config and not a.decode_linear:
+        p.error("--write-config needs --decode-linear")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dev = torch.device("cuda")
@@ -482,6 +516,13 @@ def main() -> int:
         return 0
     if a.decode_linear:
         out = {"decode_linear": decode_linear_rows(dev, a.decode_batch)}
+        if a.write_config:
+            entries = tuned_entries(out["decode_linear"])
+            a.write_config.write_text(json.dumps(dict(
+                device=torch.cuda.get_device_name(dev), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d"), entries=entries), indent=1))
+            for e in entries:
+                print(f"{e['linear']}: best {e['us']:.1f} us vs unfused {e['unfused_us']:.1f} us  {e['config']}")
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
         return 0

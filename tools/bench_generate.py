@@ -118,7 +118,11 @@ def main(argv=None) -> int:
                    help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
     p.add_argument("--fused-linear", action="store_true",
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
-                        "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned tiles)")
+                        "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
+                        "tiles; see --linear-config)")
+    p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
+                   help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
+                        "--write-config FILE")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -135,6 +139,16 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
+    if a.linear_config is not None:
+        if not a.fused_linear:
+            p.error("--linear-config needs --fused-linear")
+        from cat_titan.infer.decode_linear import load_tuned_configs
+
+        try:
+            n = load_tuned_configs(a.linear_config)
+        except ValueError as e:
+            p.error(str(e))
+        print(f"decode_linear: tuned tiles for {n} shapes from {a.linear_config}", file=sys.stderr)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

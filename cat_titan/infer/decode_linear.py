@@ -28,6 +28,16 @@ the tile's counter in ``locks``; the last to arrive sums the partials in split o
 result does not depend on which program came last), applies the epilogue, and resets the
 counter to 0, so one zeroed ``locks`` buffer serves every call on a stream.
 
+Stream-K (``PROGRAMS`` > 0 in the config): a fixed number of programs (e.g. one per SM) each
+take an equal contiguous share of all (tile, K step) units, so the weight is streamed evenly
+over the SMs whatever the tile count, and wide tiles (fewer re-reads of x) cost no idle SMs.
+A tile cut between programs is summed by the last of them to arrive, as with split-K.
+
+Tiles per shape: ``linear_config`` is a heuristic; ``tools/bench_attention.py --decode-linear
+--write-config FILE`` times the alternatives on a GPU and writes each linear's fastest, which
+``load_tuned_configs(FILE)`` (or the environment variable CAT_TITAN_DECODE_LINEAR_CONFIG, or
+``bench_generate --linear-config FILE``) applies to those exact shapes.
+
 Off CUDA (and for shapes the kernel does not take) the same function runs the model's own
 modules (``reference_decode_linear``), so a CPU runner computes exactly what the unfused
 step does. tests/infer/test_decode_linear.py checks the kernel against it in Triton's
@@ -42,6 +52,9 @@ default until tuned tiles win.
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -137,6 +150,36 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
     return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G)
 
 
+# (M, N, K, swiglu, qkv) -> tiles measured best on a GPU; see load_tuned_configs
+TUNED: dict[tuple, dict] = {}
+CONFIG_KEYS = ("BM", "BN", "BK", "SPLIT_K", "PROGRAMS", "num_warps", "num_stages")
+TUNED_ENV = "CAT_TITAN_DECODE_LINEAR_CONFIG"
+
+
+def load_tuned_configs(path: str | Path) -> int:
+    """Tiles per linear shape from ``tools/bench_attention.py --decode-linear --write-config
+    FILE`` (each linear's fastest setting on that GPU); they override ``linear_config`` for
+    those exact shapes (M = batch rows). Returns how many shapes were loaded."""
+    try:
+        entries = json.loads(Path(path).read_text())["entries"]
+        new = {(int(e["M"]), int(e["N"]), int(e["K"]), bool(e["swiglu"]), bool(e["qkv"])):
+               {k: int(e["config"][k]) for k in CONFIG_KEYS if k in e["config"]} for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"decode_linear: cannot read tuned tiles from {path!s} ({e!r}); write the file with "
+                         "tools/bench_attention.py --decode-linear --write-config FILE") from e
+    TUNED.update(new)
+    return len(new)
+
+
+def resolve_config(M: int, N: int, K: int, swiglu: bool, sms: int, hd: Optional[int] = None,
+                   config: Optional[dict] = None) -> dict:
+    """The launch's settings: ``linear_config``'s heuristic, then a tuned entry for this exact
+    shape, then ``config``; hd: the head dim of ``decode_qkv`` (one head per tile: BN = hd)."""
+    base = linear_config(M, N, K, swiglu, sms) if hd is None else linear_config(M, N, K, swiglu, sms, BN=hd)
+    cfg = {**base, **TUNED.get((M, N, K, swiglu, hd is not None), {}), **(config or {})}
+    return cfg if hd is None else {**cfg, "BN": hd}
+
+
 def make_locks(device) -> Tensor:
     return torch.zeros(LOCKS, dtype=torch.int32, device=device)
 
@@ -156,7 +199,7 @@ def linear_config(M: int, N: int, K: int, swiglu: bool, sms: int, BN: int = 32) 
     BK = 128
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     split = max(1, min(sms // tiles, K // (2 * BK), 8))
-    return dict(BM=BM, BN=BN, BK=BK, SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(BM=BM, BN=BN, BK=BK, SPLIT_K=split, PROGRAMS=0, num_warps=4, num_stages=3)
 
 
 if triton is not None:
@@ -214,6 +257,28 @@ if triton is not None:
             tl.store(Out + rm[:, None] * som + rn[None, :] * son, acc.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
+                    NORM: tl.constexpr, SWIGLU: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """K columns [k_lo, k_hi) of one (BM, BN) tile, BK at a time (a pipelined loop):
+        acc += (x * g) w^T, acc3 the same with w3 (SWIGLU), ss += sum of x^2 per row (NORM)."""
+        for k0 in range(k_lo, k_hi, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_ok = rk < k_hi
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+                x = (xf * g[None, :]).to(W.dtype.element_ty)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)  # (BN, BK)
+            acc = _dot(acc, x, w, IEEE)
+            if SWIGLU:  # rows N.. 2N of W: w3, for the same output columns
+                w3 = tl.load(W + (rn + N)[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)
+                acc3 = _dot(acc3, x, w3, IEEE)
+        return acc, acc3, ss
+
+    @triton.jit
     def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
                               M, N, K, K_SPLIT,
                               sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
@@ -231,21 +296,8 @@ if triton is not None:
         ss = tl.zeros([BM], tl.float32)  # sum of x^2 over this program's K range (NORM)
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
-        for k0 in range(k_lo, k_hi, BK):
-            rk = k0 + tl.arange(0, BK)
-            k_ok = rk < k_hi
-            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-                x = (xf * g[None, :]).to(W.dtype.element_ty)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)  # (BN, BK)
-            acc = _dot(acc, x, w, IEEE)
-            if SWIGLU:  # rows N.. 2N of W: w3, for the same output columns
-                w3 = tl.load(W + (rn + N)[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)
-                acc3 = _dot(acc3, x, w3, IEEE)
+        acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
+                                    NORM, SWIGLU, BK, IEEE)
         if SPLIT_K == 1:
             _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
                       Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T, BM, BN)
@@ -279,11 +331,79 @@ if triton is not None:
                           BM, BN)
                 tl.atomic_xchg(Locks + tile, 0)  # ready for the next call
 
-    def launch_decode_linear(kernel, x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
+    @triton.jit
+    def _decode_linear_sk_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
+                                 M, N, K, KU, U,
+                                 sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
+                                 EPS: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
+                                 QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
+                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """Stream-K: the U = tiles * KU units of work (one BK step of one (BM, BN) tile; tile t
+        owns units [t KU, (t+1) KU)) are cut into P equal contiguous ranges, one per program,
+        so every SM streams the same share of the weight whatever the tile count (split-K
+        leaves e.g. 144 tiles on 132 SMs: two waves). A tile cut by a range boundary gets a
+        partial from each program that touches it; the last to arrive sums them in program
+        order and applies the epilogue. Program p's partials: Work[p, 0] for its first tile,
+        Work[p, 1] for its last; the counter of a cut tile is its first program's (a program
+        that starts a cut tile cannot start another), so P counters serve every call."""
+        p = tl.program_id(0)
+        P = tl.num_programs(0)
+        n_tiles = tl.cdiv(N, BN)
+        NACC: tl.constexpr = 2 if SWIGLU else 1
+        u_lo = p * U // P
+        u_hi = (p + 1) * U // P  # > u_lo: the launcher keeps P <= U
+        i, j = tl.arange(0, BM), tl.arange(0, BN)
+        tile_off = i[:, None] * BN + j[None, :]  # (BM, BN) in a partial's own layout
+        for t in range(u_lo // KU, (u_hi - 1) // KU + 1):
+            pid_m, pid_n = t // n_tiles, t % n_tiles
+            rm, rn = pid_m * BM + i, pid_n * BN + j
+            m_ok, n_ok = rm < M, rn < N
+            ku_lo = tl.maximum(u_lo - t * KU, 0)
+            ku_hi = tl.minimum(u_hi - t * KU, KU)
+            acc = tl.zeros([BM, BN], tl.float32)
+            acc3 = tl.zeros([BM, BN], tl.float32)
+            ss = tl.zeros([BM], tl.float32)
+            acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, ku_lo * BK,
+                                        tl.minimum(ku_hi * BK, K), N, sxm, sxk, swn, swk, NORM, SWIGLU, BK, IEEE)
+            if (ku_lo == 0) & (ku_hi == KU):  # the whole tile is this program's
+                _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
+                          Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T,
+                          BM, BN)
+            else:
+                first = ((t * KU + 1) * P - 1) // U  # the program holding the tile's first unit
+                last = ((t + 1) * KU * P - 1) // U  # ... and its last
+                mine = p * 2 + tl.where(t == u_lo // KU, 0, 1)  # this tile's slot of this program's two
+                part = Work + mine * NACC * BM * BN + tile_off
+                tl.store(part, acc)
+                if SWIGLU:
+                    tl.store(part + BM * BN, acc3)
+                if NORM:
+                    tl.store(SSWork + mine * BM + i, ss)
+                tl.debug_barrier()  # every thread's partial is written before the counter moves
+                arrived = tl.atomic_add(Locks + first, 1, sem="acq_rel")
+                if arrived == last - first:  # the last contributor sums the partials, in program order
+                    acc = tl.zeros([BM, BN], tl.float32)
+                    acc3 = tl.zeros([BM, BN], tl.float32)
+                    ss = tl.zeros([BM], tl.float32)
+                    for q in range(first, last + 1):
+                        slot = q * 2 + tl.where(t == (q * U // P) // KU, 0, 1)  # t is q's first tile, or its last
+                        src = Work + slot * NACC * BM * BN + tile_off
+                        acc += tl.load(src, cache_modifier=".cg")
+                        if SWIGLU:
+                            acc3 += tl.load(src + BM * BN, cache_modifier=".cg")
+                        if NORM:
+                            ss += tl.load(SSWork + slot * BM + i, cache_modifier=".cg")
+                    _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
+                              Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ,
+                              T, BM, BN)
+                    tl.atomic_xchg(Locks + first, 0)  # ready for the next call
+
+    def launch_decode_linear(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                              locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
-                             qkv: Optional[tuple] = None) -> Tensor:
-        """Run ``kernel`` (``_decode_linear_kernel``, or it wrapped for torch.compile);
-        config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, num_warps, num_stages.
+                             qkv: Optional[tuple] = None, wrap=None) -> Tensor:
+        """Run the kernel (``wrap``: e.g. ``torch.library.wrap_triton`` under torch.compile).
+        config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, PROGRAMS, num_warps, num_stages;
+        PROGRAMS > 0 runs the stream-K kernel on that many programs (SPLIT_K is then unused).
         qkv: (k_cache, v_cache, cos, sin, cols, T, G) for the projection's RoPE + cache epilogue
         (see ``decode_qkv``); returns q (M, Hq * hd)."""
         M, K = x.shape
@@ -291,23 +411,11 @@ if triton is not None:
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
         if qkv is not None:
             k_cache, v_cache, cos, sin, cols, T, G = qkv
-            hd = k_cache.shape[-1]  # one head per tile
-            cfg = {**linear_config(M, N, K, swiglu, sms, BN=hd), **(config or {}), "BN": hd}
-        else:
-            cfg = {**linear_config(M, N, K, swiglu, sms), **(config or {})}
-        BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
-        k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each split: whole BK steps
-        split = triton.cdiv(K, k_split)
-        grid = (triton.cdiv(N, BN), split, triton.cdiv(M, BM))
-        if split > 1 and grid[0] * grid[2] > locks.numel():
-            raise ValueError(f"decode_linear: {grid[0] * grid[2]} tiles need as many counters; locks has "
-                             f"{locks.numel()} (use fewer tiles with split-K, or a larger locks buffer)")
+        cfg = resolve_config(M, N, K, swiglu, sms, None if qkv is None else k_cache.shape[-1], config)
+        BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+        nacc = 2 if swiglu else 1
+        tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         out = torch.empty((M, N // (G + 2) * G if qkv is not None else N), dtype=x.dtype, device=x.device)
-        if split > 1:
-            work = torch.empty((split, 2 if swiglu else 1, M, N), dtype=torch.float32, device=x.device)
-            ss_work = torch.empty((split, grid[0], M), dtype=torch.float32, device=x.device)
-        else:  # unused
-            work = ss_work = out
         res = residual if residual is not None else out
         if qkv is None:  # unused pointers and strides
             k_cache = v_cache = cos = sin = cols = out
@@ -315,13 +423,35 @@ if triton is not None:
             cache_strides = (0, 0, 0, 0)
         else:
             cache_strides = k_cache.stride()
-        kernel[grid](
+        if cfg.get("PROGRAMS", 0) > 0:
+            KU = triton.cdiv(K, BK)
+            programs = min(cfg["PROGRAMS"], tiles * KU)  # every program gets at least one unit
+            if programs > locks.numel():
+                raise ValueError(f"decode_linear: stream-K on {programs} programs needs as many counters; locks "
+                                 f"has {locks.numel()} (use fewer programs, or a larger locks buffer)")
+            work = torch.empty((programs, 2, nacc, BM, BN), dtype=torch.float32, device=x.device)
+            ss_work = torch.empty((programs, 2, BM), dtype=torch.float32, device=x.device)
+            kernel, grid, sizes, split_kw = _decode_linear_sk_kernel, (programs,), (KU, tiles * KU), {}
+        else:
+            k_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), BK) * BK  # each split: whole BK steps
+            split = triton.cdiv(K, k_split)
+            grid = (triton.cdiv(N, BN), split, triton.cdiv(M, BM))
+            if split > 1 and tiles > locks.numel():
+                raise ValueError(f"decode_linear: {tiles} tiles need as many counters; locks has "
+                                 f"{locks.numel()} (use fewer tiles with split-K, or a larger locks buffer)")
+            if split > 1:
+                work = torch.empty((split, nacc, M, N), dtype=torch.float32, device=x.device)
+                ss_work = torch.empty((split, grid[0], M), dtype=torch.float32, device=x.device)
+            else:  # unused
+                work = ss_work = out
+            kernel, sizes, split_kw = _decode_linear_kernel, (k_split,), dict(SPLIT_K=split)
+        (wrap or (lambda k: k))(kernel)[grid](
             x, w, g if g is not None else x, res, out, work, ss_work, locks, cos, sin, k_cache, v_cache, cols,
-            M, N, K, k_split,
+            M, N, K, *sizes,
             *x.stride(), *w.stride(), *res.stride(), *out.stride(), *cache_strides,
             # a constexpr: a float argument arrives as fp64 through torch.compile
             EPS=eps, NORM=g is not None, RESID=residual is not None, SWIGLU=swiglu,
-            QKV=qkv is not None, GQ=G, T=T, SPLIT_K=split,
+            QKV=qkv is not None, GQ=G, T=T, **split_kw,
             BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out
@@ -329,11 +459,14 @@ if triton is not None:
     @torch.library.triton_op("cat_titan::decode_qkv", mutates_args={"locks", "k_cache", "v_cache"})
     def _decode_qkv_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor, v_cache: Tensor,
                        cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int) -> Tensor:
-        return launch_decode_linear(torch.library.wrap_triton(_decode_linear_kernel), x, w, g, None, locks, eps,
-                                    False, qkv=(k_cache, v_cache, cos, sin, cols, T, G))
+        return launch_decode_linear(x, w, g, None, locks, eps, False, qkv=(k_cache, v_cache, cos, sin, cols, T, G),
+                                    wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("cat_titan::decode_linear", mutates_args={"locks"})
     def _decode_linear_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                           locks: Tensor, eps: float, swiglu: bool) -> Tensor:
-        return launch_decode_linear(torch.library.wrap_triton(_decode_linear_kernel), x, w, g, residual,
-                                    locks, eps, swiglu)
+        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, wrap=torch.library.wrap_triton)
+
+
+if os.environ.get(TUNED_ENV):  # e.g. tools/generate.py or a study run on a tuned GPU
+    load_tuned_configs(os.environ[TUNED_ENV])

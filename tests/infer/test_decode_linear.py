@@ -3,14 +3,15 @@
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set before the
 kernel is defined, hence subprocesses), float32:
 * the kernel alone against ``reference_decode_linear`` (the model's RMSNorm, F.linear,
-  SwiGLU, add) for every combination of norm / residual / SwiGLU, ragged shapes, and K split
-  over 1-3 programs; and as the qkv projection with RoPE and K/V cache writes against
+  SwiGLU, add) for every combination of norm / residual / SwiGLU, ragged shapes, K split
+  over 1-3 programs and stream-K over 5, 13 and more programs than units of work; and as the qkv projection with RoPE and K/V cache writes against
   ``reference_decode_qkv`` (1-2 queries per row, 1-2 query heads per KV head, head dims 16
   and 32, K split 1-2); tolerance 2e-5 (fp32 sums in another order, outputs of order 1-10),
   and the split-K counters must be back at zero after each call;
 * generation with every fusable block and the head on the kernel (interpreted) against
   greedy decoding by full forward passes: same tokens, logits to 1e-4 (as test_generate.py),
-  once with the default tiles and once (two of the models) with a forced 2-way K split.
+  once with the default tiles and once (two of the models) with a forced 2-way K split or
+  stream-K on 6 programs.
 On CPU without the interpreter the fused runner computes exactly what the unfused one does
 (same modules). Without a GPU: the kernel compiled for sm_90, torch.compile's view of what it
 writes, and the compiled step's graph. On CUDA: the bf16 tests below and
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 KERNEL_CHECK = textwrap.dedent("""
     import itertools, json, torch
-    from cat_titan.infer.decode_linear import (launch_decode_linear, _decode_linear_kernel, make_locks,
+    from cat_titan.infer.decode_linear import (launch_decode_linear, make_locks,
                                                reference_decode_linear)
     from cat_titan.models.common import RMSNorm
     torch.manual_seed(0)
@@ -54,17 +55,20 @@ KERNEL_CHECK = textwrap.dedent("""
             res = torch.randn(M, N) if resid else None
             want = reference_decode_linear(x, w, norm, res, swiglu)
             locks = make_locks("cpu")
+            # split-K over 1-3 programs per tile; stream-K over 5, 13 and more programs than units
             for cfg in (dict(SPLIT_K=1, BM=16, BN=16, BK=32), dict(SPLIT_K=3, BM=16, BN=32, BK=32),
-                        dict(SPLIT_K=2, BM=64, BN=16, BK=64)):
+                        dict(SPLIT_K=2, BM=64, BN=16, BK=64), dict(PROGRAMS=5, BM=16, BN=16, BK=32),
+                        dict(PROGRAMS=13, BM=16, BN=32, BK=32), dict(PROGRAMS=500, BM=16, BN=16, BK=64)):
                 g = None if norm is None else norm.weight
-                out = launch_decode_linear(_decode_linear_kernel, x, w, g, res, locks, 1e-5, swiglu, cfg)
-                rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, split=cfg["SPLIT_K"],
+                out = launch_decode_linear(x, w, g, res, locks, 1e-5, swiglu, cfg)
+                rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, cfg=cfg,
                                  out_shape=list(out.shape), err=(out - want).abs().max().item(),
                                  scale=want.abs().max().item(), locks=int(locks.abs().sum())))
     # the projection with RoPE and the K/V cache writes: queries per batch row T, q heads per kv head G
     from cat_titan.infer.decode_linear import reference_decode_qkv
     from cat_titan.models.common import rope_table
-    for T, G, hd, split in itertools.product([1, 2], [1, 2], [16, 32], [1, 2]):
+    for T, G, hd, sched in itertools.product([1, 2], [1, 2], [16, 32], [dict(SPLIT_K=1), dict(SPLIT_K=2),
+                                                                         dict(PROGRAMS=4), dict(PROGRAMS=7)]):
         B, Hkv, D, n_cols = 3, 2, 48, 7
         M = B * T
         x, w = torch.randn(M, D), torch.randn(Hkv * (G + 2) * hd, D) / D ** 0.5
@@ -77,9 +81,9 @@ KERNEL_CHECK = textwrap.dedent("""
         k1, v1 = k0.clone(), v0.clone()
         want = reference_decode_qkv(x, w, norm, k0, v0, cos_t[ids], sin_t[ids], cols, T, G)
         locks = make_locks("cpu")
-        got = launch_decode_linear(_decode_linear_kernel, x, w, norm.weight, None, locks, 1e-5, False,
-                                   dict(SPLIT_K=split, BM=16, BK=16), qkv=(k1, v1, cos_t[ids], sin_t[ids], cols, T, G))
-        rows.append(dict(shape=[M, hd, D], qkv=[T, G], split=split, out_shape=list(got.shape),
+        got = launch_decode_linear(x, w, norm.weight, None, locks, 1e-5, False,
+                                   dict(sched, BM=16, BK=16), qkv=(k1, v1, cos_t[ids], sin_t[ids], cols, T, G))
+        rows.append(dict(shape=[M, hd, D], qkv=[T, G], cfg=sched, out_shape=list(got.shape),
                          want_shape=list(want.shape), err=max((got - want).abs().max().item(),
                          (k1 - k0).abs().max().item(), (v1 - v0).abs().max().item()),
                          scale=want.abs().max().item(), locks=int(locks.abs().sum())))
@@ -100,12 +104,15 @@ GENERATION_CHECK = textwrap.dedent("""
         return launch(*args, **kw)
     dl.launch_decode_linear = counted
     cases = [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None), ("debug-hybrid", None)]
-    if sys.argv[1] == "split":  # every matmul's K range over two programs (slower: two models)
-        dl.linear_config = lambda M, N, K, swiglu, sms, BN=32: dict(BM=16, BN=32, BK=32, SPLIT_K=2, num_warps=4,
-                                                             num_stages=1)
-        cases = cases[:2]
+    schedules = [dict(SPLIT_K=1, PROGRAMS=0)] * len(cases)
+    if sys.argv[1] == "split":  # slower: two models, debug-cat's K ranges split over two programs per tile,
+        # debug-cat-adaptive's work cut into 6 equal ranges (stream-K: tiles shared between programs)
+        cases, schedules = cases[:2], [dict(SPLIT_K=2, PROGRAMS=0), dict(SPLIT_K=1, PROGRAMS=6)]
     out = []
-    for name, chunk in cases:
+    for (name, chunk), sched in zip(cases, schedules):
+        if sys.argv[1] == "split":
+            dl.linear_config = lambda M, N, K, swiglu, sms, BN=32, s=sched: dict(BM=16, BN=32, BK=32, num_warps=4,
+                                                                           num_stages=1, **s)
         model = perturbed(name)
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 11, 16)]
@@ -148,7 +155,7 @@ def _run(code: str, *args: str) -> list:
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_reference():
     rows = _run(KERNEL_CHECK)
-    assert len(rows) == 3 * 8 * 3 + 16
+    assert len(rows) == 3 * 8 * 6 + 32
     for r in rows:
         if "qkv" in r:  # q (M, Hq*hd) and the cache contents (written columns and untouched ones)
             assert r["out_shape"] == r["want_shape"], r
@@ -211,6 +218,11 @@ MUTATION_CHECK = textwrap.dedent("""
                   EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split, BM=64,
                   BN=64 if qkv else 32, BK=128, IEEE=False)
         out[f"{split}-{norm}-{qkv}"] = written(dl._decode_linear_kernel, kw)
+        # the stream-K kernel on the same tensors: (programs, 2, ...) workspaces, KU and U for K_SPLIT
+        sk = {k: v for k, v in kw.items() if k not in ("K_SPLIT", "SPLIT_K")}
+        sk.update(Work=t(132, 2, 1, 64, kw["BN"], dtype=torch.float32), SSWork=t(132, 2, 64, dtype=torch.float32),
+                  KU=K // 128, U=N // kw["BN"] * K // 128)
+        out[f"sk-{norm}-{qkv}"] = written(dl._decode_linear_sk_kernel, sk)
     print(json.dumps(out))
 """)
 
@@ -300,18 +312,23 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cat_titan.infer.decode_linear import _decode_linear_kernel as kernel
-    from cat_titan.infer.decode_linear import linear_config
+    from cat_titan.infer.decode_linear import _decode_linear_kernel, _decode_linear_sk_kernel, linear_config
 
-    names = kernel.arg_names
     ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
                 Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
     cfg = linear_config(64, 1536, 4096, False, 132)
+    # split: SPLIT_K programs per tile; 0: the stream-K kernel
     for norm, resid, swiglu, qkv, split in [(True, False, False, False, 1), (False, True, False, False, 2),
                                             (True, False, True, False, 1), (True, True, True, False, 3),
-                                            (True, False, False, True, 1), (True, False, False, True, 2)]:
+                                            (True, False, False, True, 1), (True, False, False, True, 2),
+                                            (False, True, False, False, 0), (True, False, True, False, 0),
+                                            (True, False, False, True, 0)]:
+        kernel = _decode_linear_sk_kernel if split == 0 else _decode_linear_kernel
+        names = kernel.arg_names
         const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv,
-                     GQ=1, T=1, SPLIT_K=split, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"], IEEE=False)
+                     GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"], IEEE=False)
+        if split:
+            const["SPLIT_K"] = split
         signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
         aligned = [n for n in names if n in ptrs or n in ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb",
                                                           "skh", "skn")]
@@ -341,9 +358,13 @@ def test_compile_sees_only_outputs_and_counters_written():
                          timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     written = json.loads(res.stdout.strip().splitlines()[-1])
+    sk_plain, sk_norm = ["Locks", "Out", "Work"], ["Locks", "Out", "SSWork", "Work"]
     assert written == {"2-False-False": ["Locks", "Out", "Work"], "1-True-False": ["Out"],
                        "3-True-False": ["Locks", "Out", "SSWork", "Work"], "1-True-True": ["Kc", "Out", "Vc"],
-                       "2-True-True": ["Kc", "Locks", "Out", "SSWork", "Vc", "Work"]}, written
+                       "2-True-True": ["Kc", "Locks", "Out", "SSWork", "Vc", "Work"],
+                       # stream-K: any tile may be cut, so every call may write the workspaces and counters
+                       "sk-False-False": sk_plain, "sk-True-False": sk_norm,
+                       "sk-True-True": ["Kc", "Locks", "Out", "SSWork", "Vc", "Work"]}, written
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
@@ -373,6 +394,53 @@ def test_compiled_fused_step_runs_in_place():
         # each fused block writes its K and V in its projection kernel instead of two index_put_
         assert r["index_put_inplace"] == plain["index_put_inplace"] - 2 * n_fused, (r, plain)
         assert plain["kernels"] == 0 and plain["clones"] == plain["index_put_copying"] == 0, plain
+
+
+@pytest.mark.skipif(triton is None, reason="triton is not installed: decode_linear has no tiles to choose")
+def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path):
+    """bench_attention --decode-linear --write-config picks each linear's fastest fused row;
+    load_tuned_configs makes it the launch's setting for that exact shape (rows, N, K,
+    SwiGLU, qkv), the heuristic stays elsewhere, an explicit config still wins, and a bad
+    file is refused with the fix, leaving the loaded tiles as they were."""
+    import importlib.util
+
+    from cat_titan.infer import decode_linear as dl
+
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "tools" / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = lambda **kw: dict(dict(BM=64, BN=32, BK=128, SPLIT_K=1, PROGRAMS=0, num_warps=4, num_stages=3), **kw)
+    rows = [dict(linear="w2 + residual", M=64, N=1536, K=4096, swiglu=False, qkv=False, variant="unfused", us=8.0),
+            dict(linear="w2 + residual", M=64, N=1536, K=4096, swiglu=False, qkv=False, variant="fused",
+                 us=9.0, **cfg(SPLIT_K=2)),
+            dict(linear="w2 + residual", M=64, N=1536, K=4096, swiglu=False, qkv=False, variant="fused",
+                 us=6.5, **cfg(BN=128, PROGRAMS=132)),
+            dict(linear="w2 + residual", variant="fused", error="out of resources", **cfg(BN=256)),
+            dict(linear="qkv", M=64, N=4608, K=1536, swiglu=False, qkv=True, variant="unfused", us=7.0),
+            dict(linear="qkv", M=64, N=4608, K=1536, swiglu=False, qkv=True, variant="fused", us=7.5,
+                 **cfg(BN=64, BK=64, PROGRAMS=264))]
+    entries = bench.tuned_entries(rows)
+    assert [(e["linear"], e["us"], e["unfused_us"]) for e in entries] == [("w2 + residual", 6.5, 8.0), ("qkv", 7.5, 7.0)]
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"device": "test", "entries": entries}))
+    saved = dict(dl.TUNED)
+    try:
+        dl.TUNED.clear()
+        assert dl.load_tuned_configs(path) == 2
+        assert dl.resolve_config(64, 1536, 4096, False, 132) == cfg(BN=128, PROGRAMS=132)
+        assert dl.resolve_config(64, 4608, 1536, False, 132, hd=64) == cfg(BN=64, BK=64, PROGRAMS=264)
+        # other rows, or the same N/K as a plain linear rather than the qkv projection: the heuristic
+        assert dl.resolve_config(32, 1536, 4096, False, 132) == dl.linear_config(32, 1536, 4096, False, 132)
+        assert dl.resolve_config(64, 4608, 1536, False, 132) == dl.linear_config(64, 4608, 1536, False, 132)
+        assert dl.resolve_config(64, 1536, 4096, False, 132, config=dict(PROGRAMS=0))["PROGRAMS"] == 0
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"entries": [{"M": 64, "N": 8}]}))
+        with pytest.raises(ValueError, match="bad.json.*--write-config"):
+            dl.load_tuned_configs(bad)
+        assert len(dl.TUNED) == 2
+    finally:
+        dl.TUNED.clear()
+        dl.TUNED.update(saved)
 
 
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
@@ -406,12 +474,15 @@ CUDA_SHAPES = [(64, 4608, 1536, True, False, False), (64, 1536, 1536, False, Tru
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sched", ["default", "stream-k"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
-def test_cuda_kernel_bf16_within_the_unfused_error(shape):
-    """bf16 at the reference-sized model's shapes (split-K where the heuristic picks it):
-    against the float32 definition, no further off than the unfused bf16 ops; bitwise
-    repeatable (split-K partials are summed in a fixed order); counters reset."""
-    from cat_titan.infer.decode_linear import decode_linear, linear_config, make_locks, reference_decode_linear
+def test_cuda_kernel_bf16_within_the_unfused_error(shape, sched):
+    """bf16 at the reference-sized model's shapes (split-K where the heuristic picks it; or
+    stream-K over one program per SM, BN = 64, so programs share cut tiles under real
+    concurrency): against the float32 definition, no further off than the unfused bf16 ops;
+    bitwise repeatable (partials are summed in a fixed order); counters reset."""
+    from cat_titan.infer.decode_linear import (decode_linear, launch_decode_linear, linear_config, make_locks,
+                                               reference_decode_linear)
     from cat_titan.models.common import RMSNorm
 
     M, N, K, norm_on, resid, swiglu = shape
@@ -430,8 +501,14 @@ def test_cuda_kernel_bf16_within_the_unfused_error(shape):
     with torch.no_grad():
         exact = reference_decode_linear(x.float(), w.float(), norm, None if res is None else res.float(), swiglu)
         unfused = reference_decode_linear(x, w, norm_bf, res, swiglu).float()
-        out = decode_linear(x, w, locks, norm_bf, res, swiglu)
-        again = decode_linear(x, w, locks, norm_bf, res, swiglu)
+        if sched == "default":
+            out = decode_linear(x, w, locks, norm_bf, res, swiglu)
+            again = decode_linear(x, w, locks, norm_bf, res, swiglu)
+        else:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            run = lambda: launch_decode_linear(x, w, None if norm_bf is None else norm_bf.weight, res, locks, 1e-5,
+                                               swiglu, dict(PROGRAMS=sms, BN=64))
+            out, again = run(), run()
     assert out.dtype == bf and out.shape == (M, N)
     err, unfused_err = (out.float() - exact).abs().max().item(), (unfused - exact).abs().max().item()
     assert err <= max(1.5 * unfused_err, 1e-3), (err, unfused_err, linear_config(M, N, K, swiglu, 132))
