@@ -55,6 +55,22 @@ def test_unknown_job_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tuned_linear_tiles_reach_the_generation_jobs_only(tmp_path, capsys):
+    """--fused-linear --linear-config FILE goes to both generation jobs and no training job;
+    a missing file or --linear-config without --fused-linear is refused before any work."""
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"entries": []}))
+    assert bt.main(["--list", "--no-anchor", "--fused-linear", "--linear-config", str(tuned)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with_tiles = {line.split()[0] for line in lines if f"--fused-linear --linear-config {tuned}" in line}
+    assert with_tiles == {"gen-64", "gen-320"}, lines
+    for argv, msg in ([str(tmp_path / "missing.json"), "--fused-linear"], "no such file"), ([str(tuned)], "needs --fused-linear"):
+        with pytest.raises(SystemExit) as e:
+            bt.main(["--out", str(tmp_path / "out"), "--no-anchor", "--linear-config", *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchtitan") is not None,
                     reason="torchtitan is installed here: the missing-dependency refusal cannot run")
 def test_missing_torchtitan_is_refused_before_any_work(tmp_path):

@@ -326,24 +326,27 @@ def decode_gemm_rows(device, batch: int = 64) -> list[dict]:
 
 
 # cat-150m's decode linears as decode_linear fuses them: (name, K, N, norm, residual, swiglu)
-DECODE_LINEARS = [("norm + wqkv", 1536, 4608, True, False, False), ("wo + residual", 1536, 1536, False, True, False),
-                  ("norm + w1|w3 + swiglu", 1536, 4096, True, False, True),
-                  ("w2 + residual", 4096, 1536, False, True, False), ("norm + head", 1536, 32000, True, False, False)]
+DECODE_LINEARS = [("norm + w1|w3 + swiglu", 1536, 4096, True, False, True), ("w2 + residual", 4096, 1536, False, True, False),
+                  ("wo + residual", 1536, 1536, False, True, False), ("norm + head", 1536, 32000, True, False, False),
+                  ("norm + wqkv", 1536, 4608, True, False, False)]  # the runners use decode_qkv for this one
 
 
-def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) -> list[dict]:
+def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, done=None) -> list[dict]:
     """decode_linear (cat_titan.infer.decode_linear) at each tile / split / warp / stage
     setting against the unfused ops it replaces (compiled by inductor: cuBLAS GEMM plus its
     pointwise kernels), M = batch rows, bf16. Each timing cycles through copies of the weight
     totalling cycle_bytes (twice the 60 MB L2), as a decode step streams every weight from HBM
-    once."""
+    once. The runners' linears first (decode_qkv, then by weight size), the plain norm + wqkv
+    last; done(rows) after each, so a sweep cut short by a time limit keeps what it measured."""
     from cat_titan.infer.decode_linear import (launch_decode_linear, linear_config,
                                                make_locks, reference_decode_linear)
     from cat_titan.models.common import RMSNorm
 
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     locks = make_locks(device)
-    rows = []
+    rows = decode_qkv_rows(device, batch, cycle_bytes, locks, sms)
+    if done:
+        done(rows)
     for name, K, N, norm_on, resid, swiglu in DECODE_LINEARS:
         rows_w = (2 if swiglu else 1) * N
         copies = max(2, -(-cycle_bytes // (rows_w * K * 2)))
@@ -400,7 +403,8 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20) 
         dflt = next((r for r in fused if r.get("default")), None)
         print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
               flush=True)
-    rows += decode_qkv_rows(device, batch, cycle_bytes, locks, sms)
+        if done:
+            done(rows)
     return rows
 
 
@@ -515,16 +519,16 @@ def main() -> int:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
     if a.decode_linear:
-        out = {"decode_linear": decode_linear_rows(dev, a.decode_batch)}
-        if a.write_config:
-            entries = tuned_entries(out["decode_linear"])
-            a.write_config.write_text(json.dumps(dict(
-                device=torch.cuda.get_device_name(dev), torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d"), entries=entries), indent=1))
-            for e in entries:
-                print(f"{e['linear']}: best {e['us']:.1f} us vs unfused {e['unfused_us']:.1f} us  {e['config']}")
-        if a.json:
-            a.json.write_text(json.dumps(out, indent=1))
+        def done(rows):  # after each linear: the rows so far and each finished linear's best
+            if a.json:
+                a.json.write_text(json.dumps({"decode_linear": rows}, indent=1))
+            if a.write_config:
+                a.write_config.write_text(json.dumps(dict(
+                    device=torch.cuda.get_device_name(dev), torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%d"), entries=tuned_entries(rows)), indent=1))
+
+        for e in tuned_entries(decode_linear_rows(dev, a.decode_batch, done=done)):
+            print(f"{e['linear']}: best {e['us']:.1f} us vs unfused {e['unfused_us']:.1f} us  {e['config']}")
         return 0
     if a.decode_sweep or a.decode_gemms:
         out = {"decode_sweep": decode_sweep_rows(dev)} if a.decode_sweep else {}
