@@ -32,7 +32,7 @@ def test_bench_train_smoke(tmp_path):
     assert row["mixed_precision"] == "none"  # float32 on CPU
     assert len(row["step_s"]) == 3  # on CPU every step is timed
     assert "host_lead_s" not in row  # CUDA only
-    assert row["gpu"] is None and row["gpu_error"] is None  # clock and power: CUDA only
+    assert row["gpu"] is None and row["gpu_error"] == "not a CUDA device"  # clock and power: CUDA only, and why
 
 
 def test_vs_fixed_compares_the_random_draws_with_each_size_alone(tmp_path):

@@ -218,7 +218,7 @@ def main() -> int:
             **stats,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "chunk_sizes": sorted(set(sizes)) or None, "profile": breakdown,
-            "gpu": gpu.summary(), "gpu_error": gpu.error if cuda else None,  # this rank's GPU, timed steps
+            "gpu": gpu.summary(), "gpu_error": gpu.error,  # this rank's GPU over the timed steps, or why not
         }
         if fixed is not None:
             row["vs_fixed"] = compare_with_fixed(step_sizes, mean_step, fixed, tokens_per_step / world)
