@@ -24,6 +24,10 @@ class JobConfig:
     """Where to train: auto picks CUDA when available."""
     description: str = ""
     """Free text stored with the run."""
+    lease_timeout_s: float = 300.0
+    """One job per run_dir: rank 0 holds run_dir/.lease.json and renews it every timeout/10 s; another job's
+    lease counts as abandoned this long after its last heartbeat (or at once if its process is gone from
+    this host, or it is this job's own: a requeue). 0: no lease."""
 
 
 @dataclass
@@ -232,6 +236,8 @@ class Config:
                                  ("data.num_workers", d.num_workers, "load in the training process")):
             if value < 0:
                 errs.append(f"{key}={value} must be >= 0 (0: {zero})")
+        if self.job.lease_timeout_s != 0 and not self.job.lease_timeout_s >= 10:  # beats every timeout/10 s
+            errs.append(f"job.lease_timeout_s={self.job.lease_timeout_s} must be >= 10 seconds, or 0 for no lease")
         if t.activation_checkpoint == "every_n" and t.ac_every < 1:  # 0 divided by zero, -1 acted as full
             errs.append(f"training.ac_every={t.ac_every} must be >= 1 (checkpoint one block in this many)")
         if t.eval_batches < 1:  # the validation loss is a mean over them: none gives nan

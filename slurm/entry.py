@@ -4,8 +4,9 @@
     python slurm/entry.py check --config F.yaml [key=value ...]
         Validates the config the way train.py will (WORLD_SIZE from the environment), including
         train.py's checks against the run directory (the checkpoint to resume, collisions,
-        model shape; it reads, never writes), and prints the absolute run directory. Exit 2
-        with the problems listed, so a batch job fails before it starts processes on every node.
+        model shape, another job's lease on it; it reads, never writes), and prints the
+        absolute run directory. Exit 2 with the problems listed, so a batch job fails before
+        it starts processes on every node.
 
     python slurm/entry.py torchrun [torchrun arguments] train.py --config F.yaml ...
         torchrun (torch.distributed.run, same arguments), with two changes that a
@@ -39,6 +40,7 @@ def check(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     from cat_titan.config import load_config
     from cat_titan.confutil import ConfigError
+    from cat_titan.train.lease import lease_problem
     from cat_titan.train.trainer import preflight_checkpoint
 
     p = argparse.ArgumentParser(prog="entry.py check")
@@ -51,6 +53,11 @@ def check(argv: list[str]) -> int:
         # sample stream against the checkpoint): read-only. Not its device checks: this batch
         # host's devices need not be the trainers'.
         preflight_checkpoint(cfg)
+        # another job training into this run directory (this job's own lease, from before a
+        # requeue, is its to take)
+        problem = lease_problem(cfg.job.run_dir, cfg.job.lease_timeout_s)
+        if problem:
+            raise ConfigError([problem])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,7 +3,8 @@ loop { batch -> chunk size -> forward/backward (accumulated) -> clip -> step -> 
 metrics -> eval -> checkpoint } -> final checkpoint -> sample.
 
 Exit status (documented for launch scripts): 0 finished; 2 bad configuration, run
-directory or checkpoint (nothing was written); 75 (EX_TEMPFAIL) stopped by SIGTERM or
+directory or checkpoint (nothing was written), or the run directory held by another job
+(``job.lease_timeout_s``; also when it is taken over mid-run: stopped without saving); 75 (EX_TEMPFAIL) stopped by SIGTERM or
 SIGUSR1 after saving a complete checkpoint (requeue: ``checkpoint.resume=auto`` continues
 from it); anything else is a crash.
 
@@ -43,6 +44,7 @@ from ..parallel.parallelize import (clip_divisor, clip_grad_norm_, compiled_grap
 from .checkpoint import (Checkpointer, CheckpointError, ModelOptim, TrainState, check_model_matches,
                          history_origin, load_model_weights, read_meta, resolve_resume, shape_differences)
 from .curriculum import build_curriculum
+from .lease import LEASE_NAME, LeaseError, RunLease
 from .metrics import MetricsLogger, mfu, peak_flops
 
 # 3: stopped on a non-finite loss or gradient norm (training.nonfinite=stop). Not a crash to
@@ -52,6 +54,10 @@ EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 75
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class LeaseLost(RuntimeError):
+    """Another job took the run directory over (see lease.py): stop without saving, exit 2."""
 
 
 def lr_lambda(cfg: Config):
@@ -212,8 +218,9 @@ def preflight_checkpoint(cfg: Config) -> Optional[Path]:
 
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device, resume: Optional[Path],
-                 preemption: Optional[Preemption] = None):
+                 preemption: Optional[Preemption] = None, lease: Optional["RunLease"] = None):
         self.cfg = cfg
+        self.lease = lease  # global rank 0's hold on the run directory (main() takes it); None elsewhere
         self._owns_preemption = preemption is None
         self.preemption = preemption if preemption is not None else Preemption()
         t = cfg.training
@@ -356,12 +363,18 @@ class Trainer:
     def _agree(self) -> tuple[bool, bool]:
         """(a preemption signal reached some rank, every rank has written its part of the
         pending async save): one all-reduce per step over a CPU (gloo) group, so the GPU
-        stream is never waited for."""
-        flags = [float(self.preemption.requested), float(not self.checkpointer.pending_done_locally())]
+        stream is never waited for. Also carries rank 0's news that another job took the run
+        directory over: then every rank stops here, before any further save."""
+        flags = [float(self.preemption.requested), float(not self.checkpointer.pending_done_locally()),
+                 float(self.lease is not None and self.lease.lost.is_set())]
         if self.pdims.world > 1:
             t = torch.tensor(flags)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
             flags = t.tolist()
+        if flags[2] > 0:
+            raise LeaseLost(f"another job took over job.run_dir={self.run_dir} (its lease, {LEASE_NAME}, was not "
+                            f"renewed for job.lease_timeout_s={self.cfg.job.lease_timeout_s:g} s, e.g. while this job "
+                            f"was suspended); stopped at step {self.state.step} without saving")
         return flags[0] > 0, flags[1] == 0
 
     def _drop_metrics_after(self, step: int) -> None:
@@ -662,18 +675,26 @@ def main(argv=None) -> int:
         return EXIT_OK
     owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
     preemption = Preemption()  # before the slow setup: a stop signal during it is honoured after step 1
+    lease = None
     try:
         cfg = load_config(a.config, a.overrides)
         device, resume = preflight(cfg)
         from ..data.shards import DataError
         from ..data.tokenizer import TokenizerError
 
+        # before anything is written; the other ranks follow rank 0 (its exit 2 stops the launch)
+        if cfg.job.lease_timeout_s and int(os.environ.get("RANK", "0")) == 0:
+            try:
+                lease = RunLease(cfg.job.run_dir, cfg.job.lease_timeout_s,
+                                 log=lambda msg: print(msg, file=sys.stderr, flush=True)).acquire()
+            except LeaseError as e:
+                raise ConfigError([str(e)]) from e
         try:
-            trainer = Trainer(cfg, device, resume, preemption)
+            trainer = Trainer(cfg, device, resume, preemption, lease)
         except (DataError, TokenizerError) as e:  # data/tokenizer settings, found when opening them: not a crash
             raise ConfigError([str(e)]) from e
         return trainer.run()
-    except ConfigError as e:
+    except (ConfigError, LeaseLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteError as e:  # the weights in memory and in every checkpoint are the last good step's
@@ -685,3 +706,5 @@ def main(argv=None) -> int:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
         preemption.close()
+        if lease is not None:
+            lease.release()

@@ -103,3 +103,35 @@ def test_torchrun_launcher_survives_usr1_while_importing_torch(tmp_path):
     finally:
         p.kill()
     assert p.returncode == 0, f"exit {p.returncode}\n{out[-3000:]}"
+
+
+def test_check_refuses_a_run_dir_another_live_job_holds(tmp_path, monkeypatch, capsys):
+    """train.sbatch's check reads the run directory's lease: another job's fresh lease exits 2
+    naming it; this job's own (a requeue: same SLURM_JOB_ID) or a stale one passes; nothing
+    is written either way."""
+    import json
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lease = run / ".lease.json"
+    config = [str(ROOT / "configs" / "debug_cat.yaml"), f"job.run_dir={run}"]
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def hold(job, age):
+        lease.write_text(json.dumps(dict(job=job, host=socket.gethostname() + "-elsewhere", pid=1, owner="o",
+                                         started=time.time() - age, heartbeat=time.time() - age)))
+        return lease.read_bytes()
+
+    held = hold("slurm:999", 5)
+    assert entry.main(["check", "--config", *config]) == 2
+    err = capsys.readouterr().err
+    assert "in use by job slurm:999" in err and str(lease) in err, err
+    assert lease.read_bytes() == held
+    for job, age in (("slurm:1234", 5), ("slurm:999", 400)):  # this job's own; abandoned 400 s ago
+        held = hold(job, age)
+        assert entry.main(["check", "--config", *config]) == 0, capsys.readouterr().err
+        assert lease.read_bytes() == held
+    hold("slurm:999", 5)
+    assert entry.main(["check", "--config", *config, "job.lease_timeout_s=0"]) == 0  # no lease: not checked
