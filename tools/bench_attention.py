@@ -338,7 +338,7 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
     totalling cycle_bytes (twice the 60 MB L2), as a decode step streams every weight from HBM
     once. The runners' linears first (decode_qkv, then by weight size), the plain norm + wqkv
     last; done(rows) after each, so a sweep cut short by a time limit keeps what it measured."""
-    from cat_titan.infer.decode_linear import (launch_decode_linear, linear_config,
+    from cat_titan.infer.decode_linear import (fold_norm_weight, launch_decode_linear, linear_config,
                                                make_locks, reference_decode_linear)
     from cat_titan.models.common import RMSNorm
 
@@ -358,8 +358,8 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
         unfused = torch.compile(reference_decode_linear, dynamic=False)
         weight_bytes = rows_w * K * 2
 
-        def row(label, fn, **extra):
-            us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
+        def row(label, fn, weights=None, **extra):
+            us = graph_us(lambda: [fn(w) for w in weights or ws], calls=5) / copies
             r = {"linear": name, "M": batch, "K": K, "N": N, "swiglu": swiglu, "qkv": False, "variant": label,
                  **extra, "us": us, "weight_TBps": weight_bytes / us / 1e6}
             rows.append(r)
@@ -370,11 +370,15 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
                                       None if res is None else res.float(), swiglu)
         default = linear_config(batch, N, K, swiglu, sms)
         print(json.dumps(base), json.dumps({"default_config": default}), flush=True)
-        def fused_row(cfg):
+        def fused_row(cfg, folded=False):
+            # folded: the norm weight already in w (fold_norm_weight), x unscaled in the kernel
+            weights = [fold_norm_weight(w, g) for w in ws] if folded else ws
+            gk = None if folded else g
             try:
-                out = launch_decode_linear(x, ws[0], g, res, locks, 1e-5, swiglu, cfg)
-                row("fused", lambda w: launch_decode_linear(x, w, g, res, locks, 1e-5, swiglu,
-                                                            cfg), **cfg, default=cfg == default,
+                out = launch_decode_linear(x, weights[0], gk, res, locks, 1e-5, swiglu, cfg, g_in_w=folded)
+                row("fused, norm folded" if folded else "fused",
+                    lambda w: launch_decode_linear(x, w, gk, res, locks, 1e-5, swiglu, cfg, g_in_w=folded),
+                    weights=weights, **cfg, default=cfg == default and not folded,
                     max_err_vs_fp32=float((out.float() - ref).abs().max()))
             except Exception as e:  # e.g. out of shared memory or registers
                 rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
@@ -398,6 +402,11 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
             fused_row(dict(tiles, num_warps=warps, num_stages=stages))
         if default not in [{k: r[k] for k in default} for r in fused]:
             fused_row(dict(default))
+        if norm_on:  # what folding the norm weight into w would buy, at the best split-K and stream-K tiles
+            fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
+            for family in ([r for r in fused if not r["PROGRAMS"]], [r for r in fused if r["PROGRAMS"]]):
+                if family:
+                    fused_row({k: min(family, key=lambda r: r["us"])[k] for k in default}, folded=True)
         fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
         best = min(fused, key=lambda r: r["us"])
         dflt = next((r for r in fused if r.get("default")), None)
@@ -410,7 +419,8 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
 
 def tuned_entries(rows: list[dict]) -> list[dict]:
     """Each linear's fastest fused setting among decode_linear_rows' rows, with the unfused
-    time beside it: the entries ``decode_linear.load_tuned_configs`` reads."""
+    time beside it: the entries ``decode_linear.load_tuned_configs`` reads. Rows with the norm
+    weight folded into w are left out: the runners do not fold it (they show what it would buy)."""
     from cat_titan.infer.decode_linear import CONFIG_KEYS
 
     out = []
@@ -420,7 +430,7 @@ def tuned_entries(rows: list[dict]) -> list[dict]:
         if not fused:
             continue
         best = min(fused, key=lambda r: r["us"])
-        base = next((r["us"] for r in timed_rows if r["variant"] != "fused"), None)
+        base = next((r["us"] for r in timed_rows if r["variant"].startswith("unfused")), None)
         out.append(dict(linear=name, M=best["M"], N=best["N"], K=best["K"], swiglu=best["swiglu"], qkv=best["qkv"],
                         config={k: best[k] for k in CONFIG_KEYS if k in best}, us=best["us"], unfused_us=base))
     return out
@@ -430,7 +440,7 @@ def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: in
                     hd: int = 64, n_cols: int = 97) -> list[dict]:
     """decode_qkv (norm + wqkv + RoPE + K/V cache writes, one head per tile) at each K split /
     warp setting against the same ops unfused (inductor: norm, cuBLAS, RoPE, index_put)."""
-    from cat_titan.infer.decode_linear import (launch_decode_linear, linear_config,
+    from cat_titan.infer.decode_linear import (fold_norm_weight, launch_decode_linear, linear_config,
                                                reference_decode_qkv)
     from cat_titan.models.common import RMSNorm, rope_table
 
@@ -446,8 +456,8 @@ def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: in
     cols = torch.full((batch,), n_cols // 2, device=device, dtype=torch.long)
     unfused = torch.compile(reference_decode_qkv, dynamic=False)
 
-    def row(label, fn, **extra):
-        us = graph_us(lambda: [fn(w) for w in ws], calls=5) / copies
+    def row(label, fn, weights=None, **extra):
+        us = graph_us(lambda: [fn(w) for w in weights or ws], calls=5) / copies
         r = {"linear": name, "M": batch, "K": D, "N": N, "swiglu": False, "qkv": True, "variant": label, **extra,
              "us": us, "weight_TBps": N * D * 2 / us / 1e6}
         rows.append(r)
@@ -470,6 +480,14 @@ def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: in
                     rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
     fused = [r for r in rows if r["variant"] == "fused" and "us" in r]
     best = min(fused, key=lambda r: r["us"])
+    folded = [fold_norm_weight(w, norm.weight) for w in ws]  # the best tiles with the norm weight in w
+    cfg = {k: best[k] for k in ("BM", "BK", "SPLIT_K", "PROGRAMS", "num_warps", "num_stages")}
+    try:
+        row("fused, norm folded", lambda w: launch_decode_linear(x, w, None, None, locks, 1e-5, False, cfg,
+                                                                 qkv=(kc, vc, cos, sin, cols, 1, 1), g_in_w=True),
+            weights=folded, **cfg, BN=hd)
+    except Exception as e:
+        rows.append({"linear": name, "variant": "fused, norm folded", **cfg, "error": repr(e)[:200]})
     dflt = next((r for r in fused if r.get("default")), None)
     print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
           flush=True)

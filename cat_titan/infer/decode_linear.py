@@ -180,6 +180,12 @@ def resolve_config(M: int, N: int, K: int, swiglu: bool, sms: int, hd: Optional[
     return cfg if hd is None else {**cfg, "BN": hd}
 
 
+def fold_norm_weight(w: Tensor, g: Tensor) -> Tensor:
+    """w (N, K) with an RMSNorm weight g (K,) folded in: RMSNorm(x) w^T = r(x) * (x (w g)^T),
+    r(x) the row scale. Rounded once to w's dtype (the unfused path rounds x * g instead)."""
+    return (w.float() * g.float()).to(w.dtype)
+
+
 def make_locks(device) -> Tensor:
     return torch.zeros(LOCKS, dtype=torch.int32, device=device)
 
@@ -258,9 +264,11 @@ if triton is not None:
 
     @triton.jit
     def _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
-                    NORM: tl.constexpr, SWIGLU: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                    NORM: tl.constexpr, SCALE_X: tl.constexpr, SWIGLU: tl.constexpr, BK: tl.constexpr,
+                    IEEE: tl.constexpr):
         """K columns [k_lo, k_hi) of one (BM, BN) tile, BK at a time (a pipelined loop):
-        acc += (x * g) w^T, acc3 the same with w3 (SWIGLU), ss += sum of x^2 per row (NORM)."""
+        acc += (x * g) w^T, acc3 the same with w3 (SWIGLU), ss += sum of x^2 per row (NORM).
+        SCALE_X False: the norm weight is already in w (x goes to the dot as loaded)."""
         for k0 in range(k_lo, k_hi, BK):
             rk = k0 + tl.arange(0, BK)
             k_ok = rk < k_hi
@@ -268,8 +276,9 @@ if triton is not None:
             if NORM:
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, axis=1)
-                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-                x = (xf * g[None, :]).to(W.dtype.element_ty)
+                if SCALE_X:
+                    g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+                    x = (xf * g[None, :]).to(W.dtype.element_ty)
             w_mask = n_ok[:, None] & k_ok[None, :]
             w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=w_mask, other=0.0)  # (BN, BK)
             acc = _dot(acc, x, w, IEEE)
@@ -282,8 +291,8 @@ if triton is not None:
     def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
                               M, N, K, K_SPLIT,
                               sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
-                              EPS: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
-                              QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
+                              EPS: tl.constexpr, NORM: tl.constexpr, SCALE_X: tl.constexpr, RESID: tl.constexpr,
+                              SWIGLU: tl.constexpr, QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
                               SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               IEEE: tl.constexpr):
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -297,7 +306,7 @@ if triton is not None:
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
         acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
-                                    NORM, SWIGLU, BK, IEEE)
+                                    NORM, SCALE_X, SWIGLU, BK, IEEE)
         if SPLIT_K == 1:
             _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
                       Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T, BM, BN)
@@ -335,8 +344,8 @@ if triton is not None:
     def _decode_linear_sk_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
                                  M, N, K, KU, U,
                                  sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
-                                 EPS: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, SWIGLU: tl.constexpr,
-                                 QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
+                                 EPS: tl.constexpr, NORM: tl.constexpr, SCALE_X: tl.constexpr, RESID: tl.constexpr,
+                                 SWIGLU: tl.constexpr, QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
         """Stream-K: the U = tiles * KU units of work (one BK step of one (BM, BN) tile; tile t
         owns units [t KU, (t+1) KU)) are cut into P equal contiguous ranges, one per program,
@@ -364,7 +373,8 @@ if triton is not None:
             acc3 = tl.zeros([BM, BN], tl.float32)
             ss = tl.zeros([BM], tl.float32)
             acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, ku_lo * BK,
-                                        tl.minimum(ku_hi * BK, K), N, sxm, sxk, swn, swk, NORM, SWIGLU, BK, IEEE)
+                                        tl.minimum(ku_hi * BK, K), N, sxm, sxk, swn, swk, NORM, SCALE_X, SWIGLU, BK,
+                                        IEEE)
             if (ku_lo == 0) & (ku_hi == KU):  # the whole tile is this program's
                 _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
                           Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T,
@@ -400,12 +410,14 @@ if triton is not None:
 
     def launch_decode_linear(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                              locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
-                             qkv: Optional[tuple] = None, wrap=None) -> Tensor:
+                             qkv: Optional[tuple] = None, wrap=None, g_in_w: bool = False) -> Tensor:
         """Run the kernel (``wrap``: e.g. ``torch.library.wrap_triton`` under torch.compile).
         config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, PROGRAMS, num_warps, num_stages;
         PROGRAMS > 0 runs the stream-K kernel on that many programs (SPLIT_K is then unused).
         qkv: (k_cache, v_cache, cos, sin, cols, T, G) for the projection's RoPE + cache epilogue
-        (see ``decode_qkv``); returns q (M, Hq * hd)."""
+        (see ``decode_qkv``); returns q (M, Hq * hd). g_in_w: w already carries the norm's
+        weight (w * g over K, ``fold_norm_weight``): the kernel applies only the norm's row
+        scale, so x goes to the tensor cores as loaded (session 12: ~75 fewer registers)."""
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
@@ -450,7 +462,7 @@ if triton is not None:
             M, N, K, *sizes,
             *x.stride(), *w.stride(), *res.stride(), *out.stride(), *cache_strides,
             # a constexpr: a float argument arrives as fp64 through torch.compile
-            EPS=eps, NORM=g is not None, RESID=residual is not None, SWIGLU=swiglu,
+            EPS=eps, NORM=g is not None or g_in_w, SCALE_X=not g_in_w, RESID=residual is not None, SWIGLU=swiglu,
             QKV=qkv is not None, GQ=G, T=T, **split_kw,
             BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

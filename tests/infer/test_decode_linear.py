@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 KERNEL_CHECK = textwrap.dedent("""
     import itertools, json, torch
-    from cat_titan.infer.decode_linear import (launch_decode_linear, make_locks,
+    from cat_titan.infer.decode_linear import (fold_norm_weight, launch_decode_linear, make_locks,
                                                reference_decode_linear)
     from cat_titan.models.common import RMSNorm
     torch.manual_seed(0)
@@ -64,6 +64,12 @@ KERNEL_CHECK = textwrap.dedent("""
                 rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, cfg=cfg,
                                  out_shape=list(out.shape), err=(out - want).abs().max().item(),
                                  scale=want.abs().max().item(), locks=int(locks.abs().sum())))
+                if norm_on and cfg.get("SPLIT_K") != 1 and cfg.get("PROGRAMS") != 500:  # norm weight folded into w
+                    out = launch_decode_linear(x, fold_norm_weight(w, g), None, res,
+                                               locks, 1e-5, swiglu, cfg, g_in_w=True)
+                    rows.append(dict(shape=[M, N, K], norm=norm_on, residual=resid, swiglu=swiglu, cfg=cfg,
+                                     folded=True, out_shape=list(out.shape), err=(out - want).abs().max().item(),
+                                     scale=want.abs().max().item(), locks=int(locks.abs().sum())))
     # the projection with RoPE and the K/V cache writes: queries per batch row T, q heads per kv head G
     from cat_titan.infer.decode_linear import reference_decode_qkv
     from cat_titan.models.common import rope_table
@@ -155,7 +161,7 @@ def _run(code: str, *args: str) -> list:
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_reference():
     rows = _run(KERNEL_CHECK)
-    assert len(rows) == 3 * 8 * 6 + 32
+    assert len(rows) == 3 * 8 * 6 + 3 * 4 * 4 + 32  # + the folded-norm rows
     for r in rows:
         if "qkv" in r:  # q (M, Hq*hd) and the cache contents (written columns and untouched ones)
             assert r["out_shape"] == r["want_shape"], r
@@ -215,7 +221,8 @@ MUTATION_CHECK = textwrap.dedent("""
                   Cos=t(M, 64, dtype=torch.float32), Sin=t(M, 64, dtype=torch.float32), Kc=t(M, 8, 40, 64),
                   Vc=t(M, 8, 40, 64), Cols=t(M, dtype=torch.long), M=M, N=N, K=K, K_SPLIT=2048,
                   sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, skb=20480, skh=2560, skn=64, skd=1,
-                  EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split, BM=64,
+                  EPS=1e-5, NORM=norm, SCALE_X=True, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split,
+                  BM=64,
                   BN=64 if qkv else 32, BK=128, IEEE=False)
         out[f"{split}-{norm}-{qkv}"] = written(dl._decode_linear_kernel, kw)
         # the stream-K kernel on the same tensors: (programs, 2, ...) workspaces, KU and U for K_SPLIT
@@ -317,16 +324,18 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
     ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
                 Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
     cfg = linear_config(64, 1536, 4096, False, 132)
-    # split: SPLIT_K programs per tile; 0: the stream-K kernel
-    for norm, resid, swiglu, qkv, split in [(True, False, False, False, 1), (False, True, False, False, 2),
-                                            (True, False, True, False, 1), (True, True, True, False, 3),
-                                            (True, False, False, True, 1), (True, False, False, True, 2),
-                                            (False, True, False, False, 0), (True, False, True, False, 0),
-                                            (True, False, False, True, 0)]:
+    # split: SPLIT_K programs per tile; 0: the stream-K kernel; folded: the norm weight in w (SCALE_X off)
+    for norm, resid, swiglu, qkv, split, folded in [
+            (True, False, False, False, 1, False), (False, True, False, False, 2, False),
+            (True, False, True, False, 1, False), (True, True, True, False, 3, False),
+            (True, False, False, True, 1, False), (True, False, False, True, 2, False),
+            (False, True, False, False, 0, False), (True, False, True, False, 0, False),
+            (True, False, False, True, 0, False), (True, False, True, False, 1, True), (True, False, False, True, 0, True)]:
         kernel = _decode_linear_sk_kernel if split == 0 else _decode_linear_kernel
         names = kernel.arg_names
-        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, RESID=resid, SWIGLU=swiglu, QKV=qkv,
-                     GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"], IEEE=False)
+        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, SCALE_X=not folded, RESID=resid,
+                     SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
+                     IEEE=False)
         if split:
             const["SPLIT_K"] = split
         signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
