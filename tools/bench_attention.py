@@ -537,11 +537,13 @@ def main() -> int:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
     if a.decode_linear:
-        def done(rows):  # after each linear: the rows so far and each finished linear's best
+        from cat_titan.confutil import write_atomic
+
+        def done(rows):  # after each linear, whole files (a time limit may stop the sweep at any moment)
             if a.json:
-                a.json.write_text(json.dumps({"decode_linear": rows}, indent=1))
+                write_atomic(a.json, json.dumps({"decode_linear": rows}, indent=1))
             if a.write_config:
-                a.write_config.write_text(json.dumps(dict(
+                write_atomic(a.write_config, json.dumps(dict(
                     device=torch.cuda.get_device_name(dev), torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"), entries=tuned_entries(rows)), indent=1))
 
