@@ -69,7 +69,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
-                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear)
+                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, fold_norms=a.fold_norms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
                         "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
                         "tiles; see --linear-config)")
+    p.add_argument("--fold-norms", action="store_true",
+                   help="with --fused-linear: the norm weights folded into wqkv, w1|w3 and the head (copies of "
+                        "those weights), so the kernels apply only the norm's row scale (experimental)")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
@@ -139,6 +142,8 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
+    if a.fold_norms and not a.fused_linear:
+        p.error("--fold-norms needs --fused-linear")
     if a.linear_config is not None:
         if not a.fused_linear:
             p.error("--linear-config needs --fused-linear")
@@ -160,7 +165,8 @@ def main(argv=None) -> int:
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
-          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, "
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
+          f"{a.fold_norms}), "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -55,6 +55,8 @@ class SpeedConfig:
     fused_linear: bool = False
     """Each block's linears with their norm, SwiGLU and residual as ``decode_linear`` kernels
     (``Runner.fuse_linears``; CUDA, else the same ops unfused)."""
+    fold_norms: bool = False
+    """With fused_linear: the norm weights folded into wqkv, w1|w3 and the head (extra memory)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -106,7 +108,7 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size),
                          attend_bucket=cfg.attend_bucket)
     if cfg.fused_linear:
-        runner.fuse_linears()
+        runner.fuse_linears(fold_norms=cfg.fold_norms)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
         runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune)
@@ -159,7 +161,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                 graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
-                fused_linear=cfg.fused_linear, seconds=sec,
+                fused_linear=cfg.fused_linear, fold_norms=cfg.fold_norms, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

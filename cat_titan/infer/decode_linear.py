@@ -70,11 +70,25 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
 LOCKS = 1024  # tile counters per runner: split-K is used only with fewer tiles than SMs
 
 
+def row_scale(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm without its weight (that is in the folded weight, ``fold_norm_weight``):
+    x * rsqrt(mean(x^2) + eps) in float32, cast back, as RMSNorm computes it."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _normed(x: Tensor, norm: Optional[nn.Module], norm_in_w: bool) -> Tensor:
+    if norm is None:
+        return x
+    return row_scale(x, norm.eps) if norm_in_w else norm(x)
+
+
 def reference_decode_linear(x: Tensor, w: Tensor, norm: Optional[nn.Module] = None,
-                            residual: Optional[Tensor] = None, swiglu: bool = False) -> Tensor:
-    """The definition, with the model's own norm module: what the unfused decode step computes."""
-    if norm is not None:
-        x = norm(x)
+                            residual: Optional[Tensor] = None, swiglu: bool = False,
+                            norm_in_w: bool = False) -> Tensor:
+    """The definition, with the model's own norm module: what the unfused decode step computes.
+    norm_in_w: w carries the norm's weight (``fold_norm_weight``); only its row scale is applied."""
+    x = _normed(x, norm, norm_in_w)
     y = F.linear(x, w)
     if swiglu:
         a, b = y.chunk(2, dim=-1)  # (M, 2F) -> 2 x (M, F)
@@ -98,25 +112,27 @@ def use_kernel(x: Tensor) -> bool:
 
 
 def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[nn.Module] = None,
-                  residual: Optional[Tensor] = None, swiglu: bool = False) -> Tensor:
+                  residual: Optional[Tensor] = None, swiglu: bool = False, norm_in_w: bool = False) -> Tensor:
     """See the module docstring. locks: a zeroed int32 buffer of ``LOCKS`` counters on x's
-    device (``make_locks``), owned by the caller and used only by its stream."""
+    device (``make_locks``), owned by the caller and used only by its stream. norm_in_w: w is
+    ``fold_norm_weight(weight, norm.weight)`` and only the norm's row scale is applied."""
     if locks is not None and use_kernel(x) and kernel_supports(x, w, norm):
-        g = None if norm is None else norm.weight
+        folded = norm_in_w and norm is not None
+        g = None if norm is None or folded else norm.weight
         eps = 0.0 if norm is None else float(norm.eps)
-        return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu)
-    return reference_decode_linear(x, w, norm, residual, swiglu)
+        return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu, folded)
+    return reference_decode_linear(x, w, norm, residual, swiglu, norm_in_w)
 
 
 def reference_decode_qkv(x: Tensor, w: Tensor, norm: Optional[nn.Module], k_cache: Tensor, v_cache: Tensor,
-                         cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int) -> Tensor:
+                         cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int, norm_in_w: bool = False) -> Tensor:
     """The definition of ``decode_qkv`` with the model's ops (runners.project_qkv's arithmetic
     and KVCache.attend's writes, on rows instead of (batch, query) pairs)."""
     from ..models.common import apply_rope
 
     M = x.shape[0]
     hd = k_cache.shape[-1]
-    qkv = F.linear(x if norm is None else norm(x), w).view(M, -1, (G + 2) * hd)  # (M, Hkv, (G+2)*hd)
+    qkv = F.linear(_normed(x, norm, norm_in_w), w).view(M, -1, (G + 2) * hd)  # (M, Hkv, (G+2)*hd)
     q, k, v = qkv.split([G * hd, hd, hd], dim=-1)
     q = q.reshape(M, -1, hd)  # (M, Hq, hd)
     rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
@@ -134,7 +150,7 @@ def qkv_kernel_supports(x: Tensor, k_cache: Tensor, cos: Tensor) -> bool:
 
 
 def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k_cache: Tensor, v_cache: Tensor,
-               cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int) -> Tensor:
+               cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int, norm_in_w: bool = False) -> Tensor:
     """Norm + the fused qkv projection + RoPE + the K/V cache writes as one kernel.
 
     x (M, D) with M = B * T (row m: query m % T of batch row m // T); w (Hkv * (G+2) * hd, D)
@@ -142,12 +158,13 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
     cos/sin (M, hd): each row's RoPE; cols (M,): each row's cache column. Writes k (rotated)
     and v at [m // T, :, cols[m]] and returns the rotated q (M, G * Hkv * hd)."""
     if use_kernel(x) and kernel_supports(x, w, norm) and qkv_kernel_supports(x, k_cache, cos):
-        g = None if norm is None else norm.weight
+        folded = norm_in_w and norm is not None
+        g = None if norm is None or folded else norm.weight
         eps = 0.0 if norm is None else float(norm.eps)
         # the kernel reads the tables as dense (M, hd) rows and the columns as one per row
         return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(),
-                                              cols.contiguous(), eps, T, G)
-    return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G)
+                                              cols.contiguous(), eps, T, G, folded)
+    return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G, norm_in_w)
 
 
 # (M, N, K, swiglu, qkv) -> tiles measured best on a GPU; see load_tuned_configs
@@ -470,14 +487,15 @@ if triton is not None:
 
     @torch.library.triton_op("cat_titan::decode_qkv", mutates_args={"locks", "k_cache", "v_cache"})
     def _decode_qkv_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor, v_cache: Tensor,
-                       cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int) -> Tensor:
+                       cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int, g_in_w: bool) -> Tensor:
         return launch_decode_linear(x, w, g, None, locks, eps, False, qkv=(k_cache, v_cache, cos, sin, cols, T, G),
-                                    wrap=torch.library.wrap_triton)
+                                    wrap=torch.library.wrap_triton, g_in_w=g_in_w)
 
     @torch.library.triton_op("cat_titan::decode_linear", mutates_args={"locks"})
     def _decode_linear_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
-                          locks: Tensor, eps: float, swiglu: bool) -> Tensor:
-        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, wrap=torch.library.wrap_triton)
+                          locks: Tensor, eps: float, swiglu: bool, g_in_w: bool) -> Tensor:
+        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, wrap=torch.library.wrap_triton,
+                                    g_in_w=g_in_w)
 
 
 if os.environ.get(TUNED_ENV):  # e.g. tools/generate.py or a study run on a tuned GPU

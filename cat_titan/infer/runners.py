@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ..models.common import Attention, RMSNorm, apply_rope, attend
 from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
-from .decode_linear import decode_linear, decode_qkv, make_locks
+from .decode_linear import decode_linear, decode_qkv, fold_norm_weight, make_locks
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,16 +95,17 @@ def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Ten
 
 
 def fused_block_forward(layer: nn.Module, x: Tensor, attend: Callable[[Tensor], Tensor], gate_up: Tensor,
-                        locks: Tensor) -> Tensor:
+                        locks: Tensor, folded: bool = False) -> Tensor:
     """``block_forward`` as four kernels around the attention: norm + wqkv + RoPE + cache
     writes (``KVCache.attend_fused``), wo + residual, norm + w1|w3 + SwiGLU, w2 + residual.
-    x (B, T, D) -> (B, T, D); attend: x (B, T, D), before the norm -> heads (B, Hq, T, hd)."""
+    x (B, T, D) -> (B, T, D); attend: x (B, T, D), before the norm -> heads (B, Hq, T, hd).
+    folded: gate_up carries ffn_norm's weight (``fold_norm_weight``)."""
     B, T, D = x.shape
     attn, ff = layer.attention, layer.feed_forward
     x2 = x.reshape(B * T, D)
     y = attend(x).transpose(1, 2).reshape(B * T, -1)  # (B, Hq, T, hd) -> (BT, Hq*hd)
     h = decode_linear(y, attn.wo.weight, locks, residual=x2)  # (BT, D)
-    u = decode_linear(h, gate_up, locks, norm=layer.ffn_norm, swiglu=True)  # (BT, F)
+    u = decode_linear(h, gate_up, locks, norm=layer.ffn_norm, swiglu=True, norm_in_w=folded)  # (BT, F)
     return decode_linear(u, ff.w2.weight, locks, residual=h).view(B, T, D)
 
 
@@ -170,14 +171,17 @@ class KVCache(nn.Module):
         return attn_output(attn, decode_attention(q, keys, values, lengths))  # (B, Hq, T, hd) -> (B, T, D)
 
     def attend_fused(self, attn: Attention, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
-                     lengths: Tensor, locks: Tensor, n_cols: Optional[int] = None) -> Tensor:
+                     lengths: Tensor, locks: Tensor, n_cols: Optional[int] = None,
+                     folded_wqkv: Optional[Tensor] = None) -> Tensor:
         """``attend`` before ``wo`` with the block's norm, the projection, RoPE and the K/V
-        writes as one kernel (``decode_qkv``): x (B, T, D), not yet normed -> heads (B, Hq, T, hd)."""
+        writes as one kernel (``decode_qkv``): x (B, T, D), not yet normed -> heads (B, Hq, T, hd).
+        folded_wqkv: wqkv with the norm's weight in it (``fold_norm_weight``), used instead."""
         B, T, D = x.shape
         hd = attn.head_dim
         flat = lambda t: t.reshape(B * T, -1).contiguous()  # (B, 1, T, n) tables, (B, T) columns -> rows
-        q = decode_qkv(x.reshape(B * T, D), attn.wqkv.weight, locks, norm, self.k, self.v, flat(cos), flat(sin),
-                       flat(cols)[:, 0], T, attn.group)  # (BT, Hq*hd); K/V written
+        w = attn.wqkv.weight if folded_wqkv is None else folded_wqkv
+        q = decode_qkv(x.reshape(B * T, D), w, locks, norm, self.k, self.v, flat(cos), flat(sin),
+                       flat(cols)[:, 0], T, attn.group, norm_in_w=folded_wqkv is not None)  # (BT, Hq*hd); K/V written
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, hd)
         keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
         return decode_attention(q, keys, values, lengths)
@@ -270,6 +274,12 @@ class Runner(nn.Module):
         # kernels' split-K counters are the ``locks`` buffer, registered then.
         self._fused: list[bool] = [False] * len(model.layers)
         self.fused_head = False
+        # fuse_linears(fold_norms=True): per layer, wqkv and w1|w3 with their norm's weight
+        # folded in (fold_norm_weight), and the head's; refreshed when a source tensor changes.
+        self._folded_qkv: list[Optional[Tensor]] = [None] * len(model.layers)
+        self._folded_gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
+        self._folded_head: Optional[Tensor] = None
+        self._fold_sources: Optional[tuple] = None  # (data_ptr, _version) of every folded source
 
     def fuse_weights(self) -> None:
         """Run each feed-forward's w1 and w3 as one GEMM in the decode step (``fuse_gate_up``;
@@ -290,14 +300,54 @@ class Runner(nn.Module):
             self._fused[:] = [f and g is not None for f, g in zip(self._fused, new)]
             if self._graphs:
                 self._graphs.clear()
+        if self._fold_sources is not None:
+            self._fold()
 
-    def fuse_linears(self) -> list[bool]:
+    def _fold_inputs(self) -> list[tuple[str, int, Tensor, Tensor]]:
+        """(kind, layer, weight, norm weight) of every linear the fused step runs folded."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            if self._fused[i]:
+                out.append(("qkv", i, layer.attention.wqkv.weight, layer.attention_norm.weight))
+                out.append(("gate_up", i, self._gate_up[i], layer.ffn_norm.weight))
+        if self.fused_head:
+            out.append(("head", -1, self.model.head.output.weight, self.model.head.norm.weight))
+        return out
+
+    def _fold(self) -> None:
+        """(Re)compute the folded weights if any source tensor was replaced or changed in place
+        since they were made (its data pointer or version counter moved)."""
+        inputs = self._fold_inputs()
+        sources = tuple((t.data_ptr(), t._version) for _, _, w, g in inputs for t in (w, g))
+        if sources == self._fold_sources:
+            return
+        self._folded_qkv[:] = [None] * len(self._folded_qkv)  # same list objects: compiled steps read them
+        self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
+        self._folded_head = None
+        with torch.no_grad():
+            for kind, i, w, g in inputs:
+                f = fold_norm_weight(w.detach(), g.detach())
+                if kind == "qkv":
+                    self._folded_qkv[i] = f
+                elif kind == "gate_up":
+                    self._folded_gate_up[i] = f
+                else:
+                    self._folded_head = f
+        self._fold_sources = sources
+        if self._graphs:
+            self._graphs.clear()
+
+    def fuse_linears(self, fold_norms: bool = False) -> list[bool]:
         """Run each decode step's linears as ``decode_linear`` kernels (CUDA): per block, norm +
         wqkv + RoPE + K/V cache writes (``decode_qkv``), wo + residual, norm + w1|w3 + SwiGLU,
         w2 + residual; and norm + head. For blocks
         of plain attention (no q/k norm) and SwiGLU weights that ``fuse_gate_up`` can fuse; the
         others keep the unfused ops. Off CUDA the same code runs the model's modules. Returns
-        which layers are fused. Call before ``compile_step``."""
+        which layers are fused. Call before ``compile_step``.
+
+        fold_norms: the three normed linears use copies of their weights with the norm's
+        weight folded in (``fold_norm_weight``: extra memory of wqkv, w1|w3 and the head), so
+        the kernels apply only the norm's row scale (experimental; session 12)."""
         self.fuse_weights()
         if "locks" not in self._buffers:
             p = next(self.model.parameters())
@@ -308,6 +358,12 @@ class Runner(nn.Module):
         self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
         if self._graphs:
             self._graphs.clear()
+        self._fold_sources = None
+        self._folded_qkv[:] = [None] * len(self._folded_qkv)
+        self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
+        self._folded_head = None
+        if fold_norms:
+            self._fold()
         return list(self._fused)
 
     @staticmethod
@@ -319,7 +375,9 @@ class Runner(nn.Module):
                attention: Callable[[Tensor], Tensor]) -> Tensor:
         """Layer i of a decode step, fused (``fuse_linears``) or as the model's ops."""
         if self._fused[i]:
-            return fused_block_forward(layer, x, attend_fused, self._gate_up[i], self.locks)
+            folded = self._folded_gate_up[i]
+            return fused_block_forward(layer, x, attend_fused, self._gate_up[i] if folded is None else folded,
+                                       self.locks, folded is not None)
         return block_forward(layer, x, attention, self._gate_up[i])
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
@@ -416,7 +474,9 @@ class Runner(nn.Module):
         """Output head on one position per row: (B, D) -> (B, V)."""
         head = self.model.head
         if self.fused_head:
-            return decode_linear(h, head.output.weight, self.locks, norm=head.norm)
+            folded = self._folded_head
+            return decode_linear(h, head.output.weight if folded is None else folded, self.locks, norm=head.norm,
+                                 norm_in_w=folded is not None)
         return head(h[:, None])[:, 0]
 
 
@@ -534,8 +594,9 @@ class CatRunner(Runner):
         cos, sin = _rope_at(m.rope, rope)
         for i, (layer, cache) in enumerate(zip(m.layers, self.kv)):
             x = self._block(i, layer, x,
-                            lambda u, layer=layer, cache=cache: cache.attend_fused(
-                                layer.attention, layer.attention_norm, u, cos, sin, col, lengths, self.locks),
+                            lambda u, i=i, layer=layer, cache=cache: cache.attend_fused(
+                                layer.attention, layer.attention_norm, u, cos, sin, col, lengths, self.locks,
+                                folded_wqkv=self._folded_qkv[i]),
                             lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths))
         if x.shape[1] == 1:
             return self._head(x[:, 0])
@@ -644,9 +705,9 @@ class StackRunner(Runner):
             hidden_rows, hidden_phase = _rows(pos), (pos % self.chunk_size)[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
-                def attend_fused(u, layer=layer, cache=cache):
+                def attend_fused(u, i=i, layer=layer, cache=cache):
                     return cache.attend_fused(layer.attention, layer.attention_norm, u, dense_cos, dense_sin, dense_col,
-                                              dense_len, self.locks, n_dense)
+                                              dense_len, self.locks, n_dense, folded_wqkv=self._folded_qkv[i])
 
                 def attention(u, layer=layer, cache=cache):
                     return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)

@@ -105,17 +105,22 @@ GENERATION_CHECK = textwrap.dedent("""
     dl.use_kernel = lambda x: True  # CPU tensors through the interpreted kernel
     launches = [0]
     launch = dl.launch_decode_linear
+    calls = []
     def counted(*args, **kw):
         launches[0] += 1
+        calls.append((args, kw))
         return launch(*args, **kw)
     dl.launch_decode_linear = counted
     cases = [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None), ("debug-hybrid", None)]
     schedules = [dict(SPLIT_K=1, PROGRAMS=0)] * len(cases)
-    if sys.argv[1] == "split":  # slower: two models, debug-cat's K ranges split over two programs per tile,
-        # debug-cat-adaptive's work cut into 6 equal ranges (stream-K: tiles shared between programs)
+    folds = [False] * len(cases)
+    if sys.argv[1] == "split":  # slower: two models, debug-cat's K ranges split over two programs per tile
+        # with the norm weights folded into the weights, debug-cat-adaptive's work cut into 6 equal ranges
+        # (stream-K: tiles shared between programs)
         cases, schedules = cases[:2], [dict(SPLIT_K=2, PROGRAMS=0), dict(SPLIT_K=1, PROGRAMS=6)]
+        folds = [True, False]
     out = []
-    for (name, chunk), sched in zip(cases, schedules):
+    for (name, chunk), sched, fold in zip(cases, schedules, folds):
         if sys.argv[1] == "split":
             dl.linear_config = lambda M, N, K, swiglu, sms, BN=32, s=sched: dict(BM=16, BN=32, BK=32, num_warps=4,
                                                                            num_stages=1, **s)
@@ -123,12 +128,15 @@ GENERATION_CHECK = textwrap.dedent("""
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 11, 16)]
         runner = make_runner(model, len(prompts), 16 + 12, chunk or model.args.chunk_size)
-        fused = runner.fuse_linears()
+        fused = runner.fuse_linears(fold_norms=fold)
         launches[0] = 0
         steps = list(stream(model, prompts, 12, chunk_size=chunk, runner=runner))
         tokens = torch.stack([s.tokens for s in steps], 1)
         logits = torch.stack([s.logits for s in steps], 1)
-        res = dict(name=name, fused=fused, launches=launches[0], rows=[])
+        res = dict(name=name, fused=fused, launches=launches[0], rows=[], folded=fold,
+                   folded_launches=sum(kw.get("g_in_w", False) for _, kw in calls),
+                   norm_in_kernel=sum(args[2] is not None for args, _ in calls))  # launches given g to scale x
+        calls.clear()
         for b, p in enumerate(prompts):
             want, want_logits = greedy_by_full_forward(model, p, 12, chunk)
             res["rows"].append(dict(same_tokens=tokens[b].tolist() == want,
@@ -185,6 +193,11 @@ def test_generation_with_interpreted_kernels_equals_full_forward(tiles):
         assert all(r["fused"]) or r["name"] == "debug-hybrid", r
         # 12 steps: 4 kernels per fused block + the head (the prefill is not fused)
         assert r["launches"] >= 11 * (4 * n_fused + 1), r
+        # folded: every normed linear (qkv, w1|w3, head) takes the folded weight, none scales x by g
+        if r["folded"]:
+            assert r["folded_launches"] > 0 and r["norm_in_kernel"] == 0, r
+        else:
+            assert r["folded_launches"] == 0 and r["norm_in_kernel"] > 0, r
         for row in r["rows"]:
             assert row["same_tokens"], r
             assert row["err"] <= 1e-4, r
@@ -452,6 +465,38 @@ def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path):
         dl.TUNED.update(saved)
 
 
+@pytest.mark.parametrize("name", ["debug-cat", "debug-dense", "debug-hybrid"])
+def test_cpu_fused_runner_with_folded_norms_follows_the_weights(name):
+    """fuse_linears(fold_norms=True) off CUDA: the reference path with the norm weights folded
+    into wqkv, w1|w3 and the head gives greedy decoding by full forward passes (tokens equal,
+    logits to 1e-4: the weights are rounded once more). After the model's norm and head
+    weights change in place, the next generation refolds and follows the changed model."""
+    from cat_titan.models.common import RMSNorm
+
+    from .util import greedy_by_full_forward, perturbed
+
+    model = perturbed(name)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (4, 9)]
+    runner = make_runner(model, 2, 9 + 10, model.args.chunk_size)
+    fused = runner.fuse_linears(fold_norms=True)
+    assert any(fused) and runner._folded_head is not None
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, RMSNorm):
+                        m.weight.mul_(torch.linspace(0.5, 1.5, m.weight.numel()))
+                model.head.output.weight.mul_(1.25)
+        steps = list(stream(model, prompts, 10, runner=runner))
+        tokens = torch.stack([s.tokens for s in steps], 1)
+        logits = torch.stack([s.logits for s in steps], 1)
+        for b, p in enumerate(prompts):
+            want, want_logits = greedy_by_full_forward(model, p, 10)
+            assert tokens[b].tolist() == want, (change, b)
+            assert (logits[b] - want_logits).abs().max().item() <= 1e-4, (change, b)
+
+
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 2), ("debug-dense", None),
                                         ("debug-hybrid", None), ("debug-cat-layer", None)])
 def test_cpu_fused_runner_computes_the_unfused_step(name, chunk):
@@ -483,15 +528,16 @@ CUDA_SHAPES = [(64, 4608, 1536, True, False, False), (64, 1536, 1536, False, Tru
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("sched", ["default", "stream-k"])
+@pytest.mark.parametrize("sched", ["default", "stream-k", "folded"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
 def test_cuda_kernel_bf16_within_the_unfused_error(shape, sched):
     """bf16 at the reference-sized model's shapes (split-K where the heuristic picks it; or
     stream-K over one program per SM, BN = 64, so programs share cut tiles under real
-    concurrency): against the float32 definition, no further off than the unfused bf16 ops;
-    bitwise repeatable (partials are summed in a fixed order); counters reset."""
-    from cat_titan.infer.decode_linear import (decode_linear, launch_decode_linear, linear_config, make_locks,
-                                               reference_decode_linear)
+    concurrency; or the norm weight folded into the weight): against the float32 definition,
+    no further off than the unfused bf16 ops; bitwise repeatable (partials are summed in a
+    fixed order); counters reset."""
+    from cat_titan.infer.decode_linear import (decode_linear, fold_norm_weight, launch_decode_linear, linear_config,
+                                               make_locks, reference_decode_linear)
     from cat_titan.models.common import RMSNorm
 
     M, N, K, norm_on, resid, swiglu = shape
@@ -513,6 +559,12 @@ def test_cuda_kernel_bf16_within_the_unfused_error(shape, sched):
         if sched == "default":
             out = decode_linear(x, w, locks, norm_bf, res, swiglu)
             again = decode_linear(x, w, locks, norm_bf, res, swiglu)
+        elif sched == "folded":
+            if norm_bf is None:
+                pytest.skip("no norm before this linear: nothing to fold")
+            wf = fold_norm_weight(w, norm_bf.weight)
+            out = decode_linear(x, wf, locks, norm_bf, res, swiglu, norm_in_w=True)
+            again = decode_linear(x, wf, locks, norm_bf, res, swiglu, norm_in_w=True)
         else:
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             run = lambda: launch_decode_linear(x, w, None if norm_bf is None else norm_bf.weight, res, locks, 1e-5,
