@@ -57,7 +57,10 @@ def read_lease(run_dir: str | os.PathLike[str]) -> Optional[dict]:
         return None
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {}
+    fields = {"job": str, "host": str, "owner": str, "pid": int, "heartbeat": (int, float)}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+        return {}  # not written by a RunLease: as unreadable
+    return record
 
 
 def _pid_running(pid: int) -> bool:

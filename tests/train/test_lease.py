@@ -92,12 +92,17 @@ def test_takeover_rules(tmp_path, holder, taken):
         lease.release()
 
 
-def test_unreadable_lease_is_taken_over(tmp_path):
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps(dict(job="slurm:9", host="h", owner="o",
+                                                                               pid="12", heartbeat=time.time()))])
+def test_unreadable_lease_is_taken_over(tmp_path, content):
+    """A lease file that is not JSON, or not a RunLease's record (here: pid as a string), is
+    taken over with a log line, not a crash."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / LEASE_NAME).write_text("{not json")
-    lease = RunLease(run, timeout_s=10, job="slurm:1", log=lambda m: None, settle_s=0).acquire()
-    assert read_lease(run)["owner"] == lease.token
+    (run / LEASE_NAME).write_text(content)
+    logs = []
+    lease = RunLease(run, timeout_s=10, job="slurm:1", log=logs.append, settle_s=0).acquire()
+    assert read_lease(run)["owner"] == lease.token and "unreadable" in logs[0]
     lease.release()
 
 
