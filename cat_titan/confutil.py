@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import collections.abc
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -33,6 +34,7 @@ import re
 import textwrap
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
@@ -819,13 +821,19 @@ def dump_yaml(
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write-then-rename: a full disk or a kill leaves the old file or the new one, never half
-    of one (the data reach the disk before the name points at them)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    of one (the data reach the disk before the name points at them). The temporary name is
+    this writer's own, so writers racing for one path (run-directory leases) cannot mix."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------- docs

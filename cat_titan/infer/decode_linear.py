@@ -83,6 +83,13 @@ def _normed(x: Tensor, norm: Optional[nn.Module], norm_in_w: bool) -> Tensor:
     return row_scale(x, norm.eps) if norm_in_w else norm(x)
 
 
+def _norm_args(norm: Optional[nn.Module], norm_in_w: bool) -> tuple[Optional[Tensor], float, bool]:
+    """The kernel's (g, eps, g_in_w) for a norm before the linear, or its weight folded in."""
+    if norm is None:
+        return None, 0.0, False
+    return (None if norm_in_w else norm.weight), float(norm.eps), norm_in_w
+
+
 def reference_decode_linear(x: Tensor, w: Tensor, norm: Optional[nn.Module] = None,
                             residual: Optional[Tensor] = None, swiglu: bool = False,
                             norm_in_w: bool = False) -> Tensor:
@@ -117,9 +124,7 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
     device (``make_locks``), owned by the caller and used only by its stream. norm_in_w: w is
     ``fold_norm_weight(weight, norm.weight)`` and only the norm's row scale is applied."""
     if locks is not None and use_kernel(x) and kernel_supports(x, w, norm):
-        folded = norm_in_w and norm is not None
-        g = None if norm is None or folded else norm.weight
-        eps = 0.0 if norm is None else float(norm.eps)
+        g, eps, folded = _norm_args(norm, norm_in_w)
         return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu, folded)
     return reference_decode_linear(x, w, norm, residual, swiglu, norm_in_w)
 
@@ -158,9 +163,7 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
     cos/sin (M, hd): each row's RoPE; cols (M,): each row's cache column. Writes k (rotated)
     and v at [m // T, :, cols[m]] and returns the rotated q (M, G * Hkv * hd)."""
     if use_kernel(x) and kernel_supports(x, w, norm) and qkv_kernel_supports(x, k_cache, cos):
-        folded = norm_in_w and norm is not None
-        g = None if norm is None or folded else norm.weight
-        eps = 0.0 if norm is None else float(norm.eps)
+        g, eps, folded = _norm_args(norm, norm_in_w)
         # the kernel reads the tables as dense (M, hd) rows and the columns as one per row
         return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(),
                                               cols.contiguous(), eps, T, G, folded)

@@ -314,6 +314,12 @@ class Runner(nn.Module):
             out.append(("head", -1, self.model.head.output.weight, self.model.head.norm.weight))
         return out
 
+    def _clear_folded(self) -> None:
+        self._folded_qkv[:] = [None] * len(self._folded_qkv)  # same list objects: compiled steps read them
+        self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
+        self._folded_head = None
+        self._fold_sources = None
+
     def _fold(self) -> None:
         """(Re)compute the folded weights if any source tensor was replaced or changed in place
         since they were made (its data pointer or version counter moved)."""
@@ -321,9 +327,7 @@ class Runner(nn.Module):
         sources = tuple((t.data_ptr(), t._version) for _, _, w, g in inputs for t in (w, g))
         if sources == self._fold_sources:
             return
-        self._folded_qkv[:] = [None] * len(self._folded_qkv)  # same list objects: compiled steps read them
-        self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
-        self._folded_head = None
+        self._clear_folded()
         with torch.no_grad():
             for kind, i, w, g in inputs:
                 f = fold_norm_weight(w.detach(), g.detach())
@@ -358,10 +362,7 @@ class Runner(nn.Module):
         self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
         if self._graphs:
             self._graphs.clear()
-        self._fold_sources = None
-        self._folded_qkv[:] = [None] * len(self._folded_qkv)
-        self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
-        self._folded_head = None
+        self._clear_folded()
         if fold_norms:
             self._fold()
         return list(self._fused)

@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..confutil import write_atomic
+
 LEASE_NAME = ".lease.json"
 
 
@@ -73,30 +75,27 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
-def takeover_reason(holder: dict, job: str, timeout_s: float, now: Optional[float] = None) -> Optional[str]:
-    """Why ``job`` may take a run directory whose lease ``holder`` records, or None if it may not."""
+def takeover_reason(holder: dict, job: str, timeout_s: float) -> Optional[str]:
+    """Why ``job`` may take a run directory whose lease ``holder`` (``read_lease``) records,
+    or None if it may not."""
     if not holder:
         return "the lease file is unreadable"
-    if holder.get("job") == job:
+    if holder["job"] == job:
         return "it is this job's own (a requeue or a restart)"
-    if holder.get("host") == socket.gethostname() and not _pid_running(int(holder.get("pid", -1))):
-        return f"its process {holder.get('pid')} is gone from this host"
-    age = (time.time() if now is None else now) - float(holder.get("heartbeat", 0))
+    if holder["host"] == socket.gethostname() and not _pid_running(holder["pid"]):
+        return f"its process {holder['pid']} is gone from this host"
+    age = time.time() - holder["heartbeat"]
     if age > timeout_s:
         return f"its last heartbeat is {age:.0f} s old (job.lease_timeout_s={timeout_s:g})"
     return None
 
 
-def holder_problem(holder: dict, job: str, timeout_s: float, run_dir, now: Optional[float] = None) -> Optional[str]:
-    """Why ``job`` may not take a run directory whose lease ``holder`` records, or None."""
-    now = time.time() if now is None else now
-    if takeover_reason(holder, job, timeout_s, now) is not None:
-        return None
-    age = now - float(holder.get("heartbeat", 0))
-    return (f"job.run_dir={run_dir} is in use by job {holder.get('job')} (host {holder.get('host')}, pid "
-            f"{holder.get('pid')}, heartbeat {age:.0f} s ago): two jobs in one run directory overwrite each other's "
-            f"checkpoints. Wait for that job to end, or use another job.run_dir. If that job is gone, its lease "
-            f"counts as abandoned {timeout_s:.0f} s after its last heartbeat (job.lease_timeout_s), or remove "
+def refusal(holder: dict, timeout_s: float, run_dir) -> str:
+    """The error for a run directory whose lease a live job holds (takeover_reason None)."""
+    return (f"job.run_dir={run_dir} is in use by job {holder['job']} (host {holder['host']}, pid {holder['pid']}, "
+            f"heartbeat {time.time() - holder['heartbeat']:.0f} s ago): two jobs in one run directory overwrite each "
+            f"other's checkpoints. Wait for that job to end, or use another job.run_dir. If that job is gone, its "
+            f"lease counts as abandoned {timeout_s:.0f} s after its last heartbeat (job.lease_timeout_s), or remove "
             f"{Path(run_dir) / LEASE_NAME}")
 
 
@@ -105,7 +104,9 @@ def lease_problem(run_dir, timeout_s: float, job: Optional[str] = None) -> Optio
     holder = read_lease(run_dir)
     if timeout_s <= 0 or holder is None:
         return None
-    return holder_problem(holder, job_identity() if job is None else job, timeout_s, run_dir)
+    if takeover_reason(holder, job_identity() if job is None else job, timeout_s) is not None:
+        return None
+    return refusal(holder, timeout_s, run_dir)
 
 
 class RunLease:
@@ -129,14 +130,7 @@ class RunLease:
                            "started": self.started, "heartbeat": time.time()}) + "\n"
 
     def _write(self) -> None:
-        """Write-then-rename through this process's own temporary name (two takers at once
-        must not share one)."""
-        tmp = self.path.with_name(f"{LEASE_NAME}.{self.token}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(self._record())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self._record())
 
     def _create(self) -> bool:
         """Create the lease if there is none, atomically with its content (link fails if it exists)."""
@@ -161,11 +155,10 @@ class RunLease:
                 if not self._create():
                     continue  # another job created it a moment ago: look at it
             else:
-                problem = holder_problem(holder, self.job, self.timeout_s, self.run_dir)
-                if problem:
-                    raise LeaseError(problem)
+                reason = takeover_reason(holder, self.job, self.timeout_s)
+                if reason is None:
+                    raise LeaseError(refusal(holder, self.timeout_s, self.run_dir))
                 if holder.get("job") != self.job:
-                    reason = takeover_reason(holder, self.job, self.timeout_s)
                     self.log(f"[lease] taking over {self.path} from job {holder.get('job')} (host "
                              f"{holder.get('host')}, pid {holder.get('pid')}): {reason}")
                 self._write()
