@@ -126,6 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
+    p.add_argument("--pdl", choices=["off", "wait", "prefetch"], default="off",
+                   help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode kernels "
+                        "(decode attention, and decode_linear with --fused-linear) and inductor's own kernels "
+                        "launch while the previous kernel runs; prefetch: decode_linear also prefetches its weight "
+                        "slice into L2 before it waits (experimental, untimed)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -154,9 +159,23 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
         print(f"decode_linear: tuned tiles for {n} shapes from {a.linear_config}", file=sys.stderr)
+    device = torch.device(a.device)
+    if a.pdl != "off":
+        from cat_titan.infer import pdl
+
+        ok, why = pdl.supported(device) if device.type == "cuda" else (False, f"device {device}")
+        if not ok:
+            p.error(f"--pdl {a.pdl} needs a CUDA device of compute capability 9.0 or later: {why}; use --pdl off")
+        import torch._inductor.config as inductor_config
+
+        pdl.set_mode(a.pdl)
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            inductor_config.triton.enable_pdl = True  # inductor's own kernels (the unfused path's pointwise)
+        else:
+            print(f"torch {torch.__version__}: inductor has no triton.enable_pdl; only cat_titan's kernels use PDL",
+                  file=sys.stderr)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
     rows = []
     for label, preset, args, gen_chunk in _configs(a):
         r, model = bench_one(a, label, preset, args, gen_chunk, device)
@@ -166,7 +185,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
-          f"{a.fold_norms}), "
+          f"{a.fold_norms}), pdl {a.pdl}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -69,6 +71,8 @@ def kernel_config(hd: int, n_cols: int) -> dict:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
     if q.is_cuda and kernel_supports(q, k):
+        if pdl.active(q):
+            return torch.ops.cat_titan.decode_attention_pdl(q, k, v, lengths)
         return torch.ops.cat_titan.decode_attention(q, k, v, lengths)
     return reference_decode_attention(q, k, v, lengths)
 
@@ -81,7 +85,10 @@ if triton is not None:
                        sl_b, sl_t, so_b, so_h, so_t, so_d,
                        HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr, HD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                       SCALE: tl.constexpr):
+                       SCALE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # infer/pdl.py: q, the lengths and the cache's new columns come from earlier kernels
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # e.g. wo may prefetch its weight while this runs
         pid = tl.program_id(0)
         b, h = pid // HKV, pid % HKV
         r = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), query r % T
@@ -123,9 +130,10 @@ if triton is not None:
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     def launch_decode_kernel(kernel, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor,
-                             config: Optional[dict] = None) -> Tensor:
+                             config: Optional[dict] = None, pdl: bool = False) -> Tensor:
         """Run ``kernel`` (``_decode_kernel``, or it wrapped for torch.compile); config:
-        BLOCK_N, num_warps, num_stages (default: ``kernel_config``)."""
+        BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl: a programmatic
+        dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch attributes)."""
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -137,9 +145,19 @@ if triton is not None:
             HKV=Hkv, G=G, T=T, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(G * T)),
             # SCALE is a constexpr: a float argument arrives as fp64 through torch.compile and
             # would promote the softmax statistics to fp64
-            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, **cfg)
+            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, PDL=pdl, **cfg,
+            **(dict(launch_pdl=True) if pdl else {}))
         return out
 
     @torch.library.triton_op("cat_titan::decode_attention", mutates_args=())
     def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
         return launch_decode_kernel(torch.library.wrap_triton(_decode_kernel), q, k, v, lengths)
+
+    # PDL launch (infer/pdl.py): opaque to torch.compile, launched by Triton's own launcher
+    @torch.library.custom_op("cat_titan::decode_attention_pdl", mutates_args=())
+    def _decode_attention_pdl_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
+        return launch_decode_kernel(_decode_kernel, q, k, v, lengths, pdl=True)
+
+    @_decode_attention_pdl_op.register_fake
+    def _(q, k, v, lengths):
+        return q.new_empty(q.shape)  # (B, Hq, T, hd), contiguous as the launcher's

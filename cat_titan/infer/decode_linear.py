@@ -38,6 +38,11 @@ Tiles per shape: ``linear_config`` is a heuristic; ``tools/bench_attention.py --
 ``load_tuned_configs(FILE)`` (or the environment variable CAT_TITAN_DECODE_LINEAR_CONFIG, or
 ``bench_generate --linear-config FILE``) applies to those exact shapes.
 
+PDL (``infer/pdl.py``, Hopper+, off by default): with a mode on, the CUDA calls go through
+opaque custom ops (``decode_linear_pdl``, ``decode_qkv_pdl``) whose launches let the kernel
+start while the previous one finishes; each program waits for it before touching anything but
+its weight, which mode 'prefetch' asks L2 for first.
+
 Off CUDA (and for shapes the kernel does not take) the same function runs the model's own
 modules (``reference_decode_linear``), so a CPU runner computes exactly what the unfused
 step does. tests/infer/test_decode_linear.py checks the kernel against it in Triton's
@@ -60,6 +65,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import pdl
 
 try:
     import triton
@@ -125,6 +132,9 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
     ``fold_norm_weight(weight, norm.weight)`` and only the norm's row scale is applied."""
     if locks is not None and use_kernel(x) and kernel_supports(x, w, norm):
         g, eps, folded = _norm_args(norm, norm_in_w)
+        if pdl.active(x):
+            return torch.ops.cat_titan.decode_linear_pdl(x, w, g, residual, locks, eps, swiglu, folded,
+                                                         pdl.mode() == "prefetch")
         return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu, folded)
     return reference_decode_linear(x, w, norm, residual, swiglu, norm_in_w)
 
@@ -165,8 +175,11 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
     if use_kernel(x) and kernel_supports(x, w, norm) and qkv_kernel_supports(x, k_cache, cos):
         g, eps, folded = _norm_args(norm, norm_in_w)
         # the kernel reads the tables as dense (M, hd) rows and the columns as one per row
-        return torch.ops.cat_titan.decode_qkv(x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(),
-                                              cols.contiguous(), eps, T, G, folded)
+        args = (x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(), cols.contiguous(), eps, T, G,
+                folded)
+        if pdl.active(x):
+            return torch.ops.cat_titan.decode_qkv_pdl(*args, pdl.mode() == "prefetch")
+        return torch.ops.cat_titan.decode_qkv(*args)
     return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G, norm_in_w)
 
 
@@ -308,13 +321,31 @@ if triton is not None:
         return acc, acc3, ss
 
     @triton.jit
+    def _l2_prefetch(ptrs, nbytes):
+        """One bulk L2 prefetch per element (sm_90+): nbytes (a multiple of 16) from each
+        16-byte-aligned pointer. The dummy result keeps the op; it is never read."""
+        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                         [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_weight(W, rn, N, k_lo, k_hi, swn, SWIGLU: tl.constexpr):
+        """Ask L2 for weight rows rn (and their w3 rows) over columns [k_lo, k_hi): one bulk
+        prefetch per row (rows are contiguous in K, checked by the launcher). Rows past N
+        repeat the last row: never out of bounds."""
+        rows = tl.minimum(rn, N - 1)
+        nbytes = tl.zeros_like(rows) + (k_hi - k_lo) * (W.dtype.element_ty.primitive_bitwidth // 8)
+        _l2_prefetch(W + rows * swn + k_lo, nbytes)
+        if SWIGLU:
+            _l2_prefetch(W + (rows + N) * swn + k_lo, nbytes)
+
+    @triton.jit
     def _decode_linear_kernel(X, W, G, Res, Out, Work, SSWork, Locks, Cos, Sin, Kc, Vc, Cols,
                               M, N, K, K_SPLIT,
                               sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
                               EPS: tl.constexpr, NORM: tl.constexpr, SCALE_X: tl.constexpr, RESID: tl.constexpr,
                               SWIGLU: tl.constexpr, QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
                               SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              IEEE: tl.constexpr):
+                              IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_tiles = tl.num_programs(0)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -325,6 +356,11 @@ if triton is not None:
         ss = tl.zeros([BM], tl.float32)  # sum of x^2 over this program's K range (NORM)
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        if PDL:  # infer/pdl.py: only the (constant) weight is touched before the wait
+            if PREFETCH:
+                _prefetch_weight(W, rn, N, k_lo, k_hi, swn, SWIGLU)
+            tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, residual, counters) are visible
+            tl.extra.cuda.gdc_launch_dependents()
         acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
                                     NORM, SCALE_X, SWIGLU, BK, IEEE)
         if SPLIT_K == 1:
@@ -366,7 +402,8 @@ if triton is not None:
                                  sxm, sxk, swn, swk, srm, srn, som, son, skb, skh, skn, skd,
                                  EPS: tl.constexpr, NORM: tl.constexpr, SCALE_X: tl.constexpr, RESID: tl.constexpr,
                                  SWIGLU: tl.constexpr, QKV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr,
-                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                                 PDL: tl.constexpr, PREFETCH: tl.constexpr):
         """Stream-K: the U = tiles * KU units of work (one BK step of one (BM, BN) tile; tile t
         owns units [t KU, (t+1) KU)) are cut into P equal contiguous ranges, one per program,
         so every SM streams the same share of the weight whatever the tile count (split-K
@@ -383,6 +420,14 @@ if triton is not None:
         u_hi = (p + 1) * U // P  # > u_lo: the launcher keeps P <= U
         i, j = tl.arange(0, BM), tl.arange(0, BN)
         tile_off = i[:, None] * BN + j[None, :]  # (BM, BN) in a partial's own layout
+        if PDL:  # as in _decode_linear_kernel
+            if PREFETCH:
+                for t in range(u_lo // KU, (u_hi - 1) // KU + 1):
+                    k_lo = tl.maximum(u_lo - t * KU, 0) * BK
+                    k_hi = tl.minimum(tl.minimum(u_hi - t * KU, KU) * BK, K)
+                    _prefetch_weight(W, (t % n_tiles) * BN + j, N, k_lo, k_hi, swn, SWIGLU)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for t in range(u_lo // KU, (u_hi - 1) // KU + 1):
             pid_m, pid_n = t // n_tiles, t % n_tiles
             rm, rn = pid_m * BM + i, pid_n * BN + j
@@ -430,14 +475,24 @@ if triton is not None:
 
     def launch_decode_linear(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                              locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
-                             qkv: Optional[tuple] = None, wrap=None, g_in_w: bool = False) -> Tensor:
+                             qkv: Optional[tuple] = None, wrap=None, g_in_w: bool = False,
+                             pdl: str = "off") -> Tensor:
         """Run the kernel (``wrap``: e.g. ``torch.library.wrap_triton`` under torch.compile).
         config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, PROGRAMS, num_warps, num_stages;
         PROGRAMS > 0 runs the stream-K kernel on that many programs (SPLIT_K is then unused).
         qkv: (k_cache, v_cache, cos, sin, cols, T, G) for the projection's RoPE + cache epilogue
         (see ``decode_qkv``); returns q (M, Hq * hd). g_in_w: w already carries the norm's
         weight (w * g over K, ``fold_norm_weight``): the kernel applies only the norm's row
-        scale, so x goes to the tensor cores as loaded (session 12: ~75 fewer registers)."""
+        scale, so x goes to the tensor cores as loaded (session 12: ~75 fewer registers).
+        pdl: 'wait' or 'prefetch' launches with programmatic dependent launch (infer/pdl.py;
+        not through ``wrap``: inductor's launcher drops launch attributes); 'prefetch' also
+        prefetches each program's weight slice into L2 before the wait, where the weight's rows
+        are contiguous and 16-byte aligned (otherwise it is 'wait')."""
+        if pdl not in ("off", "wait", "prefetch"):
+            raise ValueError(f"decode_linear: unknown pdl mode {pdl!r}; use off, wait or prefetch")
+        if pdl != "off" and wrap is not None:
+            raise ValueError("decode_linear: a PDL launch cannot go through torch.compile's wrap_triton "
+                             "(inductor launches user kernels without launch attributes); call it outside")
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
@@ -477,6 +532,11 @@ if triton is not None:
             else:  # unused
                 work = ss_work = out
             kernel, sizes, split_kw = _decode_linear_kernel, (k_split,), dict(SPLIT_K=split)
+        # PDL and PREFETCH always passed: torch.compile's analysis of what the kernel writes
+        # fails on a constexpr left to its default (and then clones every argument)
+        launch = dict(PDL=pdl != "off", PREFETCH=pdl == "prefetch" and _bulk_prefetchable(w, BK))
+        if pdl != "off":
+            launch["launch_pdl"] = True
         (wrap or (lambda k: k))(kernel)[grid](
             x, w, g if g is not None else x, res, out, work, ss_work, locks, cos, sin, k_cache, v_cache, cols,
             M, N, K, *sizes,
@@ -485,8 +545,16 @@ if triton is not None:
             EPS=eps, NORM=g is not None or g_in_w, SCALE_X=not g_in_w, RESID=residual is not None, SWIGLU=swiglu,
             QKV=qkv is not None, GQ=G, T=T, **split_kw,
             BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
         return out
+
+    def _bulk_prefetchable(w: Tensor, BK: int) -> bool:
+        """_prefetch_weight's bulk copies need each row's byte range 16-byte aligned and a
+        multiple of 16 long: contiguous rows, aligned start and row pitch, K and BK steps
+        whole multiples of 16 bytes."""
+        es = w.element_size()
+        return (w.stride(1) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * es) % 16 == 0
+                and (w.shape[1] * es) % 16 == 0 and (BK * es) % 16 == 0)
 
     @torch.library.triton_op("cat_titan::decode_qkv", mutates_args={"locks", "k_cache", "v_cache"})
     def _decode_qkv_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -499,6 +567,29 @@ if triton is not None:
                           locks: Tensor, eps: float, swiglu: bool, g_in_w: bool) -> Tensor:
         return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, wrap=torch.library.wrap_triton,
                                     g_in_w=g_in_w)
+
+    # PDL launches (infer/pdl.py): opaque to torch.compile, so the kernel is launched by
+    # Triton's own launcher, which sets the launch attribute (inductor's would drop it).
+    @torch.library.custom_op("cat_titan::decode_qkv_pdl", mutates_args={"locks", "k_cache", "v_cache"})
+    def _decode_qkv_pdl_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor,
+                           v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int,
+                           g_in_w: bool, prefetch: bool) -> Tensor:
+        return launch_decode_linear(x, w, g, None, locks, eps, False, qkv=(k_cache, v_cache, cos, sin, cols, T, G),
+                                    g_in_w=g_in_w, pdl="prefetch" if prefetch else "wait")
+
+    @_decode_qkv_pdl_op.register_fake
+    def _(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G, g_in_w, prefetch):
+        return x.new_empty(x.shape[0], w.shape[0] // (G + 2) * G)  # q (M, Hq * hd)
+
+    @torch.library.custom_op("cat_titan::decode_linear_pdl", mutates_args={"locks"})
+    def _decode_linear_pdl_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
+                              locks: Tensor, eps: float, swiglu: bool, g_in_w: bool, prefetch: bool) -> Tensor:
+        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, g_in_w=g_in_w,
+                                    pdl="prefetch" if prefetch else "wait")
+
+    @_decode_linear_pdl_op.register_fake
+    def _(x, w, g, residual, locks, eps, swiglu, g_in_w, prefetch):
+        return x.new_empty(x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0])
 
 
 if os.environ.get(TUNED_ENV):  # e.g. tools/generate.py or a study run on a tuned GPU

@@ -236,7 +236,7 @@ MUTATION_CHECK = textwrap.dedent("""
                   sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, skb=20480, skh=2560, skn=64, skd=1,
                   EPS=1e-5, NORM=norm, SCALE_X=True, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split,
                   BM=64,
-                  BN=64 if qkv else 32, BK=128, IEEE=False)
+                  BN=64 if qkv else 32, BK=128, IEEE=False, PDL=False, PREFETCH=False)
         out[f"{split}-{norm}-{qkv}"] = written(dl._decode_linear_kernel, kw)
         # the stream-K kernel on the same tensors: (programs, 2, ...) workspaces, KU and U for K_SPLIT
         sk = {k: v for k, v in kw.items() if k not in ("K_SPLIT", "SPLIT_K")}
@@ -269,6 +269,10 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
     from tests.infer.util import perturbed
 
     dl.use_kernel = lambda x: torch.compiler.is_compiling()  # the kernel in the traced step only
+    if len(sys.argv) > 1 and sys.argv[1].startswith("pdl="):  # PDL launches: the opaque custom ops
+        import cat_titan.infer.pdl as pdl
+        pdl.set_mode(sys.argv.pop(1)[4:])
+        pdl.active = lambda t: torch.compiler.is_compiling()
     graphs = []
     post_grad = compile_fx._recursive_post_grad_passes
 
@@ -293,6 +297,9 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
             fused=fused,
             kernels=sum("triton_kernel_wrapper_mutation" in t for t in targets),
             functional=sum("triton_kernel_wrapper_functional" in t for t in targets),
+            pdl_ops=sum(t.startswith("cat_titan.") and "_pdl" in t for t in targets),
+            prefetch=sorted({n.args[-1] for n in nodes if str(n.target).startswith("cat_titan.")}),
+            auto_functionalized=sum("auto_functionalized" in t for t in targets),
             clones=sum("clone" in t for t in targets),
             other_copies=sum("copy_" in str(n.target) and n.args[0] is not n.args[1] for n in nodes),
             index_put_inplace=targets.count("aten.index_put_.default"),
@@ -348,7 +355,7 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
         names = kernel.arg_names
         const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, SCALE_X=not folded, RESID=resid,
                      SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
-                     IEEE=False)
+                     IEEE=False, PDL=False, PREFETCH=False)
         if split:
             const["SPLIT_K"] = split
         signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
@@ -390,13 +397,15 @@ def test_compile_sees_only_outputs_and_counters_written():
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
-def test_compiled_fused_step_runs_in_place():
+@pytest.mark.parametrize("pdl", [None, "prefetch"])
+def test_compiled_fused_step_runs_in_place(pdl):
     """The decode step as inductor compiles it for a Hopper GPU (on CPU: a Triton target
     without a device, stopped before code generation): 4 kernels per fused block plus the
     head, each writing its output, counters and (the projection's) K/V cache columns in place:
     no functional kernel left, no clone of a weight, the residual stream, the caches or the
     counters (the counters' only copy is onto themselves, which inductor drops); the K/V
-    index_put_ of the unfused step are gone."""
+    index_put_ of the unfused step are gone. With PDL launches (infer/pdl.py) the same holds for
+    the opaque custom ops that replace the kernels: reinplaced, none left functionalised."""
     import torch._inductor.compile_fx as compile_fx
 
     if not hasattr(compile_fx, "_recursive_post_grad_passes"):
@@ -404,15 +413,20 @@ def test_compiled_fused_step_runs_in_place():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     names = ["debug-cat", "debug-cat-adaptive", "debug-hybrid"]
-    res = subprocess.run([sys.executable, "-c", STEP_GRAPH_CHECK, *names], env=env, capture_output=True, text=True,
+    args = [*([f"pdl={pdl}"] if pdl else []), *names]
+    res = subprocess.run([sys.executable, "-c", STEP_GRAPH_CHECK, *args], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     for name in names:
         r, plain = out[name]["fused"], out[name]["unfused"]
         n_fused = sum(r["fused"])
-        assert r["kernels"] == 4 * n_fused + 1, r
+        if pdl:  # the custom ops' last argument: prefetch on
+            assert r["kernels"] == 0 and r["pdl_ops"] == 4 * n_fused + 1 and r["prefetch"] == [True], r
+        else:
+            assert r["kernels"] == 4 * n_fused + 1 and r["pdl_ops"] == 0, r
         assert r["functional"] == r["clones"] == r["other_copies"] == r["index_put_copying"] == 0, r
+        assert r["auto_functionalized"] == 0, r
         # each fused block writes its K and V in its projection kernel instead of two index_put_
         assert r["index_put_inplace"] == plain["index_put_inplace"] - 2 * n_fused, (r, plain)
         assert plain["kernels"] == 0 and plain["clones"] == plain["index_put_copying"] == 0, plain

@@ -1,0 +1,91 @@
+"""Programmatic dependent launch (PDL) for the decode step's own kernels (Hopper and later).
+
+A batch-64 decode step is a chain of ~5 small kernels per layer, each of which streams one
+weight (docs/benchmarks.md: 4-7 us per matmul however small its weight, ~700 us per CAT-32
+step against ~200 us of weight bytes at full bandwidth). Between two kernels of a CUDA graph
+the GPU drains the first grid, launches the second and ramps up its loads. With PDL the next
+kernel is launched while the current one runs:
+
+* every program of a PDL kernel first waits for the previous kernel of the stream to finish
+  (``gdc_wait``: its writes are then visible), and only then reads anything that kernel could
+  have written (activations, caches, split-K counters and workspaces) or writes anything;
+* right after its wait it allows the next kernel to launch (``gdc_launch_dependents``), so at
+  most one kernel ahead is resident and waiting, never a cascade of them;
+* mode "prefetch": before its wait a program asks L2 for its own slice of the weight (one bulk
+  prefetch per weight row, ``cp.async.bulk.prefetch.L2``), so the weight streams from HBM
+  while the previous kernel still runs. The weights are constant during a step, so nothing
+  read before the wait can be stale.
+
+Because every program of every PDL kernel waits, a kernel that finishes has seen its own
+predecessor finish: a read two kernels back is ordered as well. Kernels without PDL (cuBLAS,
+inductor's) are ordinary stream order on either side.
+
+The decode kernels take the PDL launch only outside torch.compile's code generation:
+inductor launches user Triton kernels without launch attributes, so with PDL on the ops
+are opaque custom ops (``decode_linear_pdl`` ...) that launch the kernel themselves.
+Inductor's own kernels have their own switch (``torch._inductor.config.triton.enable_pdl``;
+``tools/bench_generate.py --pdl`` sets both).
+
+Status: built and checked without a GPU (the kernels compiled for sm_90 carry the wait before
+any dependent load, tests/infer/test_pdl.py); not yet run or timed on a GPU. Off by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = ("off", "wait", "prefetch")
+ENV = "CAT_TITAN_PDL"
+
+_mode: str | None = None  # None: not set yet, read ENV on first use
+
+
+def _check(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{where}: unknown PDL mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def set_mode(mode: str) -> None:
+    """'off' (default), 'wait' (PDL launch, every program waits before its first dependent
+    access) or 'prefetch' ('wait', and the program's weight slice is prefetched into L2
+    before the wait)."""
+    global _mode
+    _mode = _check(mode, "pdl.set_mode")
+
+
+def mode() -> str:
+    global _mode
+    if _mode is None:
+        _mode = _check(os.environ.get(ENV, "off") or "off", f"environment variable {ENV}")
+    return _mode
+
+
+def supported(device: torch.device | str | int | None = None) -> tuple[bool, str]:
+    """Can kernels on this device take a PDL launch? (ok, why not)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return False, f"compute capability {major}.{minor} (PDL needs 9.0, Hopper, or later)"
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError as e:
+        return False, f"this triton has no grid dependency control ({e})"
+    return True, ""
+
+
+def active(t: torch.Tensor) -> bool:
+    """PDL launches for a kernel on t's device: a mode is on and the device supports it."""
+    return mode() != "off" and t.is_cuda and _supported_index(t.device.index or 0)
+
+
+_SUPPORTED: dict[int, bool] = {}
+
+
+def _supported_index(index: int) -> bool:
+    if index not in _SUPPORTED:
+        _SUPPORTED[index] = supported(index)[0]
+    return _SUPPORTED[index]

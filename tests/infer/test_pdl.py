@@ -1,0 +1,200 @@
+"""Programmatic dependent launch (cat_titan.infer.pdl) for the decode kernels.
+
+Without a GPU: the kernels compiled for sm_90 (ptxas from triton's wheel) with PDL on wait for
+the previous grid before any global load, store or atomic, allow the next grid only after that
+wait, and (mode 'prefetch') issue their bulk L2 prefetches of the weight before it; with PDL
+off the code has no grid dependency control at all. The modes are validated before any work,
+CPU tensors never take the PDL ops, and the opaque ops' fake implementations give the real
+shapes (what torch.compile plans with; test_decode_linear.py checks that the compiled step
+runs them in place). On CUDA: generation with PDL launches equals the unfused eager tokens,
+eager and in CUDA graphs (fp32, logits to 1e-4 as test_generate_cuda.py).
+"""
+
+import re
+
+import pytest
+import torch
+
+from cat_titan.infer import pdl, stream
+from cat_titan.infer.decode_linear import decode_linear, make_locks, reference_decode_linear, triton
+from cat_titan.models.common import RMSNorm
+
+from .test_decode_linear import HOPPER_OK, HOPPER_WHY_NOT
+
+# a global memory access in PTX: asynchronous copies to shared memory, loads, stores, atomics
+_GLOBAL = re.compile(r"cp\.async\.c[ag]\.|ld\.global|st\.global|atom\.|red\.global|cp\.async\.bulk\.tensor")
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    old = pdl._mode
+    yield
+    pdl._mode = old
+
+
+def _ptx_order(ptx: str) -> dict:
+    """Line numbers of the first grid-dependency wait and launch, the first global access, and
+    the bulk L2 prefetches (in the PTX's text order: the kernels' prologues are straight-line)."""
+    lines = ptx.splitlines()
+    first = lambda pred: next((i for i, l in enumerate(lines) if pred(l)), None)
+    return dict(wait=first(lambda l: "griddepcontrol.wait" in l),
+                launch=first(lambda l: "griddepcontrol.launch_dependents" in l),
+                access=first(lambda l: _GLOBAL.search(l) is not None),
+                prefetch=[i for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2" in l])
+
+
+def _compile(kernel, ptrs: dict, const: dict, aligned: tuple, **options) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
+                           if n in ptrs or n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+@pytest.mark.parametrize("mode", ["off", "wait", "prefetch"])
+def test_decode_linear_for_hopper_waits_before_any_global_access(mode):
+    from cat_titan.infer.decode_linear import _decode_linear_kernel, _decode_linear_sk_kernel, linear_config
+
+    ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
+                Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
+    aligned = ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb", "skh", "skn")
+    cfg = linear_config(64, 1536, 4096, False, 132)
+    # (swiglu, residual, qkv, split; 0: stream-K): every schedule, both epilogue families
+    for swiglu, resid, qkv, split in [(True, False, False, 1), (False, True, False, 3), (True, False, False, 0),
+                                      (False, False, True, 2), (False, False, True, 0)]:
+        kernel = _decode_linear_sk_kernel if split == 0 else _decode_linear_kernel
+        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=True, SCALE_X=True, RESID=resid,
+                     SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
+                     IEEE=False, PDL=mode != "off", PREFETCH=mode == "prefetch")
+        if split:
+            const["SPLIT_K"] = split
+        case = (swiglu, resid, qkv, split)
+        at = _ptx_order(_compile(kernel, ptrs, const, aligned, num_warps=4, num_stages=3))
+        assert at["access"] is not None, case
+        if mode == "off":
+            assert at["wait"] is None and at["launch"] is None and not at["prefetch"], (case, at)
+            continue
+        assert at["wait"] is not None and at["wait"] < at["access"], (case, at)
+        assert at["wait"] < at["launch"], (case, at)  # never more than one grid ahead
+        if mode == "prefetch":  # w rows (and w3's with SwiGLU), all before the wait
+            assert len(at["prefetch"]) == (2 if swiglu else 1), (case, at)
+            assert max(at["prefetch"]) < at["wait"], (case, at)
+        else:
+            assert not at["prefetch"], (case, at)
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+@pytest.mark.parametrize("on", [False, True])
+def test_decode_attention_for_hopper_waits_before_any_global_access(on):
+    from cat_titan.infer.decode_attention import _decode_kernel, kernel_config
+
+    cfg = kernel_config(64, 300)
+    ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", Out="*bf16")
+    const = dict(sq_d=1, sk_d=1, sv_d=1, so_d=1, HKV=12, G=2, T=1, HD=64, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"],
+                 IEEE=False, SCALE=0.125, PDL=on)
+    at = _ptx_order(_compile(_decode_kernel, ptrs, const, (), num_warps=cfg["num_warps"],
+                             num_stages=cfg["num_stages"]))
+    assert at["access"] is not None and not at["prefetch"], at
+    if on:
+        assert at["wait"] is not None and at["wait"] < at["access"] and at["wait"] < at["launch"], at
+    else:
+        assert at["wait"] is None and at["launch"] is None, at
+
+
+def test_modes_are_checked_before_any_work(monkeypatch):
+    with pytest.raises(ValueError, match="unknown PDL mode 'fast'.*off, wait, prefetch"):
+        pdl.set_mode("fast")
+    pdl._mode = None
+    monkeypatch.setenv(pdl.ENV, "yes")
+    with pytest.raises(ValueError, match=f"environment variable {pdl.ENV}.*'yes'"):
+        pdl.mode()
+    monkeypatch.setenv(pdl.ENV, "prefetch")
+    assert pdl.mode() == "prefetch"
+    pdl.set_mode("off")
+    assert pdl.mode() == "off"
+
+
+@pytest.mark.skipif(triton is None, reason="triton is not installed: no kernel launcher to check")
+def test_launcher_refuses_bad_pdl_arguments():
+    from cat_titan.infer.decode_linear import launch_decode_linear
+
+    x, w = torch.randn(4, 32), torch.randn(16, 32)
+    with pytest.raises(ValueError, match="unknown pdl mode 'on'"):
+        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl="on")
+    with pytest.raises(ValueError, match="cannot go through torch.compile's wrap_triton"):
+        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl="wait", wrap=lambda k: k)
+
+
+def test_cpu_tensors_never_take_the_pdl_ops():
+    """With a mode on, CPU tensors still compute the model's own ops (exactly)."""
+    pdl.set_mode("prefetch")
+    if not torch.cuda.is_available():
+        assert pdl.supported()[0] is False and "no CUDA device" in pdl.supported()[1]
+    x, w, res = torch.randn(5, 48), torch.randn(64, 48), torch.randn(5, 32)
+    norm = RMSNorm(48).requires_grad_(False)
+    norm.weight.copy_(torch.rand(48) + 0.5)
+    assert not pdl.active(x)
+    got = decode_linear(x, w, make_locks("cpu"), norm=norm, residual=res, swiglu=True)
+    assert torch.equal(got, reference_decode_linear(x, w, norm, res, swiglu=True))
+
+
+@pytest.mark.skipif(triton is None, reason="triton is not installed: the PDL ops are not registered")
+def test_pdl_ops_fake_shapes_are_the_kernels_outputs():
+    """torch.compile plans the opaque ops from these: the outputs' shapes and dtypes."""
+    import cat_titan.infer.decode_attention  # noqa: F401  (registers decode_attention_pdl)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, locks = torch.empty(6, 96, dtype=torch.bfloat16), torch.zeros(1024, dtype=torch.int32)
+        w = torch.empty(2 * 80, 96, dtype=torch.bfloat16)
+        assert torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, True).shape == (6, 80)
+        assert torch.ops.cat_titan.decode_linear_pdl(x, w, None, x.new_empty(6, 160), locks, 1e-5, False, False,
+                                                     False).shape == (6, 160)
+        # qkv: 2 KV heads of 16, 3 q heads each (G = 3): q is (M, 2 * 3 * 16)
+        wqkv = torch.empty(2 * (3 + 2) * 16, 96, dtype=torch.bfloat16)
+        kc = vc = torch.empty(3, 2, 9, 16, dtype=torch.bfloat16)
+        cos = torch.empty(6, 16)
+        q = torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, cos, cos,
+                                               torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, True)
+        assert q.shape == (6, 96) and q.dtype == torch.bfloat16
+        qh = torch.empty(3, 6, 2, 16, dtype=torch.bfloat16).transpose(1, 2)  # (B, Hq, T, hd), not contiguous
+        out = torch.ops.cat_titan.decode_attention_pdl(qh, kc, vc, torch.ones(3, 2, dtype=torch.long))
+        assert out.shape == (3, 2, 6, 16) and out.is_contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["wait", "prefetch"])
+@pytest.mark.parametrize("graphs", [None, "graphs"])
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
+def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
+    from .test_generate_cuda import _cuda, _prompts
+
+    ok, why = pdl.supported()
+    if not ok:
+        pytest.skip(f"PDL not supported here: {why}")
+    model = _cuda(name)
+    prompts = _prompts((6, 9, 13), seed=13)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        want = list(stream(model, prompts, 24, chunk_size=chunk))
+        pdl.set_mode(mode)
+        from cat_titan.infer import make_runner
+
+        runner = make_runner(model, len(prompts), 13 + 24, chunk or model.args.chunk_size)
+        assert any(runner.fuse_linears())
+        if graphs:
+            runner.compile_step(mode=graphs)
+        for _ in range(2):  # the second run replays the graphs on new cache contents
+            steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
+            assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
+            assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, want)) <= 1e-4
+        assert int(runner.locks.abs().sum()) == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
