@@ -16,6 +16,8 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
     python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
                                                      # stream-K settings vs the unfused ops; FILE: each best
+    python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, PDL off / wait /
+                                                     # prefetch, vs the same layers unfused
     python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 
@@ -417,6 +419,84 @@ def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, 
     return rows
 
 
+def decode_chain_rows(device, batch: int = 64, layers: int = 12, D: int = 1536, heads: int = 24, F_: int = 4096,
+                      shapes=((97, 65), (266, 137))) -> list[dict]:
+    """A CAT-150m decoder's fused decode chain (per layer: norm + wqkv + RoPE + cache writes,
+    decode attention, wo + residual, norm + w1|w3 + SwiGLU, w2 + residual; 5 kernels) over
+    ``layers`` layers with their own weights (~680 MB in bf16: each streamed from HBM once per
+    chain), replayed from one CUDA graph, with PDL off, 'wait' and 'prefetch'
+    (cat_titan.infer.pdl); next to the same chain as the model's ops compiled by inductor
+    (cuBLAS GEMMs + its pointwise kernels + the decode attention kernel). shapes: (cache
+    columns, visible columns): chunk 32 and chunk 8 halfway through 2048 tokens. Each PDL mode's
+    output must equal the 'off' output bit for bit (the arithmetic is the same)."""
+    from cat_titan.infer import pdl
+    from cat_titan.infer.decode_attention import decode_attention
+    from cat_titan.infer.decode_linear import (decode_linear, decode_qkv, make_locks, reference_decode_linear,
+                                               reference_decode_qkv)
+    from cat_titan.models.common import RMSNorm, rope_table
+
+    bf, hd = torch.bfloat16, D // heads
+    gen = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: (torch.randn(*s, device=device, generator=gen) * s[-1] ** -0.5).to(bf)
+    weights = [dict(wqkv=rnd(3 * D, D), wo=rnd(D, D), w13=rnd(2 * F_, D), w2=rnd(D, F_)) for _ in range(layers)]
+    layer_bytes = sum(w.numel() * w.element_size() for w in weights[0].values())
+    norm = RMSNorm(D).to(device, bf).requires_grad_(False)
+    locks = make_locks(device)
+    cos_t, sin_t = rope_table(hd, 4096, 10000.0, device=device)
+    rows = []
+    for n_cols, vis in shapes:
+        kc = [torch.randn(batch, heads, n_cols, hd, device=device, dtype=bf) for _ in range(layers)]
+        vc = [torch.randn(batch, heads, n_cols, hd, device=device, dtype=bf) for _ in range(layers)]
+        cols = torch.full((batch,), vis - 1, dtype=torch.long, device=device)
+        lengths = torch.full((batch, 1), vis, dtype=torch.long, device=device)
+        cos, sin = cos_t[cols], sin_t[cols]  # (batch, hd)
+        x0 = torch.randn(batch, D, device=device, dtype=bf)
+
+        def attend(q, l):  # q (B, H*hd) -> (B, H*hd)
+            return decode_attention(q.view(batch, heads, 1, hd), kc[l], vc[l], lengths).reshape(batch, D)
+
+        def fused():
+            x = x0
+            for l, w in enumerate(weights):
+                y = attend(decode_qkv(x, w["wqkv"], locks, norm, kc[l], vc[l], cos, sin, cols, 1, 1), l)
+                h = decode_linear(y, w["wo"], locks, residual=x)
+                u = decode_linear(h, w["w13"], locks, norm=norm, swiglu=True)
+                x = decode_linear(u, w["w2"], locks, residual=h)
+            return x
+
+        def unfused_impl():
+            x = x0
+            for l, w in enumerate(weights):
+                y = attend(reference_decode_qkv(x, w["wqkv"], norm, kc[l], vc[l], cos, sin, cols, 1, 1), l)
+                h = reference_decode_linear(y, w["wo"], residual=x)
+                u = reference_decode_linear(h, w["w13"], norm, swiglu=True)
+                x = reference_decode_linear(u, w["w2"], residual=h)
+            return x
+
+        def row(variant, fn, **extra):
+            us = graph_us(fn, calls=5)
+            r = {"variant": variant, "batch": batch, "layers": layers, "cache_columns": n_cols, "visible": vis,
+                 "us_per_layer": us / layers, "weight_TBps": layer_bytes * layers / us / 1e6, **extra}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+        unfused = torch.compile(unfused_impl, dynamic=False)
+        ref = unfused().float()
+        row("unfused (inductor + cuBLAS)", unfused)
+        want = None
+        for mode in pdl.MODES:
+            pdl.set_mode(mode)
+            try:
+                out = fused()
+                want = out if mode == "off" else want
+                row(f"fused, pdl {mode}", fused, pdl_active=pdl.active(x0),
+                    bitwise_equal_to_off=bool(torch.equal(out, want)),
+                    max_abs_diff_vs_unfused=float((out.float() - ref).abs().max()))
+            finally:
+                pdl.set_mode("off")
+    return rows
+
+
 def tuned_entries(rows: list[dict]) -> list[dict]:
     """Each linear's fastest fused setting among decode_linear_rows' rows, with the unfused
     time beside it: the entries ``decode_linear.load_tuned_configs`` reads. Rows with the norm
@@ -509,7 +589,10 @@ def main() -> int:
                    help="only time the decode step's matmuls (cuBLAS vs max-autotune) at batch 64")
     p.add_argument("--decode-linear", action="store_true",
                    help="only time decode_linear's settings against the unfused ops, at --decode-batch rows")
-    p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-linear (64)")
+    p.add_argument("--decode-chain", action="store_true",
+                   help="only time 12 layers of the fused decode kernels with PDL off / wait / prefetch against "
+                        "the same layers unfused, at --decode-batch rows")
+    p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-linear and --decode-chain (64)")
     p.add_argument("--write-config", type=Path, metavar="FILE",
                    help="with --decode-linear: write each linear's fastest setting to FILE, for "
                         "decode_linear.load_tuned_configs / bench_generate --linear-config")
@@ -533,6 +616,11 @@ def main() -> int:
     if a.compressor:  # B*K chunks of prefix + C positions, compressor heads = decoder heads / 2
         out = {"compressor": [r for C, pre in ((8, 1), (4, 2), (8, 2), (16, 2), (32, 2))
                               for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
+        return 0
+    if a.decode_chain:
+        out = {"decode_chain": decode_chain_rows(dev, a.decode_batch)}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
