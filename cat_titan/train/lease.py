@@ -6,7 +6,11 @@ other's checkpoints and interleave their metrics. So the job's global rank 0 tak
 ``RUN_DIR/.lease.json`` before anything is written and rewrites its heartbeat every
 ``timeout / 10`` seconds from a thread. A lease held by another job is honoured unless:
 
-- it is this job's own (same Slurm job id or torchrun run id: a requeue or a restart);
+- it is this job's own (same Slurm job id or torchrun run id: a requeue or a restart). Under
+  Slurm the lease also records the attempt (``SLURM_RESTART_COUNT``) and the step
+  (``SLURM_STEP_ID``): an earlier attempt's lease is taken (a requeue), and so is the same
+  step's (torchrun restarting its workers), but another step of the same attempt (a second
+  ``srun`` into the same run directory in one allocation) is another job;
 - its process is gone (same host, pid not running);
 - its heartbeat is older than ``job.lease_timeout_s`` (a crashed node, a killed job).
 
@@ -51,6 +55,20 @@ def job_identity(env: Optional[dict] = None) -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def job_attempt(env: Optional[dict] = None) -> tuple[Optional[int], Optional[str]]:
+    """Under Slurm, (attempt, step): the job's requeue count (SLURM_RESTART_COUNT, 0 before the
+    first requeue) and the step (SLURM_STEP_ID; 'batch' in the batch script itself, where
+    srun has not set one). (None, None) elsewhere."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None, None
+    try:
+        attempt = int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        attempt = 0
+    return attempt, env.get("SLURM_STEP_ID") or "batch"
+
+
 def read_lease(run_dir: str | os.PathLike[str]) -> Optional[dict]:
     """The lease's record, None without one, {} for an unreadable file (treated as abandoned)."""
     try:
@@ -60,7 +78,9 @@ def read_lease(run_dir: str | os.PathLike[str]) -> Optional[dict]:
     except (OSError, ValueError):
         return {}
     fields = {"job": str, "host": str, "owner": str, "pid": int, "heartbeat": (int, float)}
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+    optional = {"attempt": int, "step": str}  # Slurm's (job_attempt); absent in older leases
+    if (not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items())
+            or not all(record.get(k) is None or isinstance(record[k], t) for k, t in optional.items())):
         return {}  # not written by a RunLease: as unreadable
     return record
 
@@ -75,13 +95,21 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
-def takeover_reason(holder: dict, job: str, timeout_s: float) -> Optional[str]:
-    """Why ``job`` may take a run directory whose lease ``holder`` (``read_lease``) records,
-    or None if it may not."""
+def takeover_reason(holder: dict, job: str, timeout_s: float, attempt: Optional[int] = None,
+                    step: Optional[str] = None) -> Optional[str]:
+    """Why ``job`` (at ``attempt`` and ``step``, ``job_attempt``) may take a run directory whose
+    lease ``holder`` (``read_lease``) records, or None if it may not."""
     if not holder:
         return "the lease file is unreadable"
     if holder["job"] == job:
-        return "it is this job's own (a requeue or a restart)"
+        held = holder.get("attempt")
+        if held is None or attempt is None:
+            return "it is this job's own (a requeue or a restart)"
+        if held < attempt:
+            return f"it is this job's earlier attempt {held} (a requeue)"
+        if held == attempt and holder.get("step") == step:
+            return "it is this job step's own (a restart)"
+        # another step of the same attempt: a second srun into this run directory, a job of its own
     if holder["host"] == socket.gethostname() and not _pid_running(holder["pid"]):
         return f"its process {holder['pid']} is gone from this host"
     age = time.time() - holder["heartbeat"]
@@ -92,19 +120,25 @@ def takeover_reason(holder: dict, job: str, timeout_s: float) -> Optional[str]:
 
 def refusal(holder: dict, timeout_s: float, run_dir) -> str:
     """The error for a run directory whose lease a live job holds (takeover_reason None)."""
-    return (f"job.run_dir={run_dir} is in use by job {holder['job']} (host {holder['host']}, pid {holder['pid']}, "
+    step = f" step {holder['step']}" if holder.get("step") else ""
+    return (f"job.run_dir={run_dir} is in use by job {holder['job']}{step} (host {holder['host']}, "
+            f"pid {holder['pid']}, "
             f"heartbeat {time.time() - holder['heartbeat']:.0f} s ago): two jobs in one run directory overwrite each "
             f"other's checkpoints. Wait for that job to end, or use another job.run_dir. If that job is gone, its "
             f"lease counts as abandoned {timeout_s:.0f} s after its last heartbeat (job.lease_timeout_s), or remove "
             f"{Path(run_dir) / LEASE_NAME}")
 
 
-def lease_problem(run_dir, timeout_s: float, job: Optional[str] = None) -> Optional[str]:
-    """Read-only: why this job may not train in ``run_dir`` now, or None (slurm/entry.py check)."""
+def lease_problem(run_dir, timeout_s: float, job: Optional[str] = None, attempt: Optional[int] = None,
+                  step: Optional[str] = None) -> Optional[str]:
+    """Read-only: why this job may not train in ``run_dir`` now, or None (slurm/entry.py check).
+    job None: this process's (``job_identity``, ``job_attempt``)."""
     holder = read_lease(run_dir)
     if timeout_s <= 0 or holder is None:
         return None
-    if takeover_reason(holder, job_identity() if job is None else job, timeout_s) is not None:
+    if job is None:
+        job, (attempt, step) = job_identity(), job_attempt()
+    if takeover_reason(holder, job, timeout_s, attempt, step) is not None:
         return None
     return refusal(holder, timeout_s, run_dir)
 
@@ -113,10 +147,14 @@ class RunLease:
     """The lease of one job on one run directory (global rank 0 only)."""
 
     def __init__(self, run_dir, timeout_s: float, job: Optional[str] = None,
-                 log: Callable[[str], None] = print, settle_s: float = 0.2):
+                 log: Callable[[str], None] = print, settle_s: float = 0.2, attempt: Optional[int] = None,
+                 step: Optional[str] = None):
+        """job None: this process's identity, attempt and step (``job_identity``, ``job_attempt``)."""
         self.run_dir, self.path = Path(run_dir), Path(run_dir) / LEASE_NAME
         self.timeout_s, self.interval_s = timeout_s, timeout_s / 10
-        self.job = job_identity() if job is None else job
+        self.job, self.attempt, self.step = job, attempt, step
+        if job is None:
+            self.job, (self.attempt, self.step) = job_identity(), job_attempt()
         self.token = uuid.uuid4().hex  # this process's hold, even within one job
         self.log, self.settle_s = log, settle_s
         self.lost = threading.Event()
@@ -126,8 +164,9 @@ class RunLease:
         self.started = time.time()
 
     def _record(self) -> str:
-        return json.dumps({"job": self.job, "host": socket.gethostname(), "pid": os.getpid(), "owner": self.token,
-                           "started": self.started, "heartbeat": time.time()}) + "\n"
+        return json.dumps({"job": self.job, "attempt": self.attempt, "step": self.step, "host": socket.gethostname(),
+                           "pid": os.getpid(), "owner": self.token, "started": self.started,
+                           "heartbeat": time.time()}) + "\n"
 
     def _write(self) -> None:
         write_atomic(self.path, self._record())
@@ -155,7 +194,7 @@ class RunLease:
                 if not self._create():
                     continue  # another job created it a moment ago: look at it
             else:
-                reason = takeover_reason(holder, self.job, self.timeout_s)
+                reason = takeover_reason(holder, self.job, self.timeout_s, self.attempt, self.step)
                 if reason is None:
                     raise LeaseError(refusal(holder, self.timeout_s, self.run_dir))
                 if holder.get("job") != self.job:

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -259,3 +260,41 @@ def test_usr1_during_the_scripts_first_lines_is_not_fatal(slurm, submit, tmp_pat
     slurm.run(["scancel", "--batch", "--signal=USR1", job.id])
     job.wait_requeued(1)
     assert "SIGUSR1: asking the trainers" in job.log() and "requeueing" in job.log(), job.explain()
+
+
+def test_a_second_srun_into_the_same_run_dir_is_refused(slurm, env, tmp_path):
+    """Two steps of one allocation (one batch script's two sruns) training into one run
+    directory: the same Slurm job id, so before session 13 the second took the lease as "its
+    own" and both trained. The lease records the step: the second exits 2 naming the first
+    (job and step), and writes nothing; the first keeps training."""
+    run = tmp_path / "run"
+    args = " ".join(["--config configs/debug_cat.yaml", f"job.run_dir={run}",
+                     *[o for o in TINY if not o.startswith("training.steps=")], "training.steps=100000"])
+    script = tmp_path / "two_steps.sh"
+    script.write_text(f"""#!/bin/bash
+cd {ROOT}
+srun --overlap -n1 {sys.executable} train.py {args} > {tmp_path}/first.log 2>&1 &
+first=$!
+for i in $(seq 1200); do [ -s {run}/metrics.jsonl ] && break; sleep 0.1; done
+timeout 90 srun --overlap -n1 {sys.executable} train.py {args} > {tmp_path}/second.log 2>&1  # 124: it trained
+echo $? > {tmp_path}/second.rc
+rows=$(wc -l < {run}/metrics.jsonl); sleep 2; echo "$rows $(wc -l < {run}/metrics.jsonl)" > {tmp_path}/rows
+kill -TERM $first; wait $first
+""")
+    r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job.out", str(script)], cwd=ROOT,
+                       env=slurm.env(**env), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+    job_id = r.stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 300
+        while slurm.job(job_id).get("JobState") not in TERMINAL:
+            assert time.time() < deadline, f"job {job_id} did not end: {slurm.job(job_id)}"
+            time.sleep(0.5)
+        read = lambda name: (tmp_path / name).read_text() if (tmp_path / name).exists() else f"(no {name})"
+        explain = "\n".join(f"--- {n} ---\n{read(n)[-3000:]}" for n in ("job.out", "first.log", "second.log"))
+        assert read("second.rc").strip() == "2", explain
+        assert f"is in use by job slurm:{job_id} step 0 " in read("second.log"), explain
+        before, after = map(int, read("rows").split())
+        assert after > before > 0, explain  # the first trained on while the second was refused
+    finally:
+        slurm.run(["scancel", job_id], check=False)

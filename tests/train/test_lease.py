@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cat_titan.train.lease import LEASE_NAME, LeaseError, RunLease, job_identity, read_lease
+from cat_titan.train.lease import (LEASE_NAME, LeaseError, RunLease, job_attempt, job_identity, lease_problem,
+                                   read_lease)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +46,66 @@ def test_job_identity_survives_restarts_and_ignores_torchruns_default_id():
     assert job_identity({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"}) == \
         f"torchrun:{host}:{os.getppid()}"
     assert job_identity({}) == f"{host}:{os.getpid()}"
+
+
+def test_job_attempt_is_slurms_requeue_count_and_step():
+    assert job_attempt({}) == (None, None)
+    assert job_attempt({"TORCHELASTIC_RUN_ID": "abc"}) == (None, None)
+    assert job_attempt({"SLURM_JOB_ID": "77"}) == (0, "batch")  # the batch script, before any requeue
+    assert job_attempt({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2", "SLURM_STEP_ID": "1"}) == (2, "1")
+
+
+@pytest.mark.parametrize("held, ours, taken", [
+    ((0, "0"), (1, "0"), True),        # a requeue: the earlier attempt's lease
+    ((0, "0"), (1, "batch"), True),    # ... seen by train.sbatch's check, before the new attempt's srun
+    ((1, "0"), (1, "0"), True),        # the same step again: torchrun restarting its workers
+    ((1, "0"), (1, "1"), False),       # a second srun of the same attempt into the same run directory
+    ((2, "0"), (1, "0"), False),       # a later attempt's lease: not this (older) process's to take
+    ((None, None), (1, "3"), True),    # a lease from before attempts were recorded: as before, its own
+])
+def test_takeover_within_one_slurm_job_follows_attempt_and_step(tmp_path, held, ours, taken):
+    run = tmp_path / "run"
+    before = _hold(run, job="slurm:5", attempt=held[0], step=held[1])
+    lease = RunLease(run, timeout_s=10, job="slurm:5", attempt=ours[0], step=ours[1], log=lambda m: None,
+                     settle_s=0)
+    if not taken:
+        with pytest.raises(LeaseError, match=rf"in use by job slurm:5 step {held[1]} "):
+            lease.acquire()
+        assert (run / LEASE_NAME).read_bytes() == before
+        assert lease_problem(run, 10, "slurm:5", *ours) is not None
+        return
+    assert lease_problem(run, 10, "slurm:5", *ours) is None
+    lease.acquire()
+    try:
+        record = read_lease(run)
+        assert record["owner"] == lease.token and (record["attempt"], record["step"]) == ours
+    finally:
+        lease.release()
+
+
+def test_a_process_under_slurm_records_its_attempt_and_step(tmp_path):
+    """RunLease and lease_problem without a job: the process's own environment (real child
+    processes with Slurm's variables, as srun sets them). While the holder lives, another step
+    of its attempt is refused and its own step or a later attempt may take the lease."""
+    run = tmp_path / "run"
+    code = ("import sys, json; from cat_titan.train.lease import RunLease, read_lease; "
+            "l = RunLease(sys.argv[1], 10, settle_s=0).acquire(); r = read_lease(sys.argv[1]); "
+            "print(json.dumps([r['job'], r['attempt'], r['step']]), flush=True); sys.stdin.read()")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SLURM_JOB_ID="31", SLURM_RESTART_COUNT="1", SLURM_STEP_ID="0")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(holder.stdout.readline()) == ["slurm:31", 1, "0"]
+        check = ("import sys; from cat_titan.train.lease import lease_problem; "
+                 "print(lease_problem(sys.argv[1], 10) or 'free')")
+        for step, restarts, free in (("1", "1", False), ("0", "1", True), ("1", "2", True)):
+            out = subprocess.run([sys.executable, "-c", check, str(run)], capture_output=True, text=True, timeout=120,
+                                 env=dict(env, SLURM_STEP_ID=step, SLURM_RESTART_COUNT=restarts))
+            assert out.returncode == 0, out.stderr
+            assert (out.stdout.strip() == "free") == free, (step, restarts, out.stdout)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 def test_acquire_renews_and_releases(tmp_path):
