@@ -158,17 +158,40 @@ def _interpretable() -> tuple[bool, str]:
 INTERPRETABLE, WHY_NOT = _interpretable()
 
 
-def _run(code: str, *args: str) -> list:
+def _start(code: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _result(proc: subprocess.Popen) -> list:
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the interpreted check did not finish in 900 s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The three interpreted checks (single-threaded Python, 30-60 s each) started together on
+    first use, so they share the machine's cores instead of running one after another; each
+    test waits for its own."""
+    procs = {"kernel": _start(KERNEL_CHECK), "default": _start(GENERATION_CHECK, "default"),
+             "split": _start(GENERATION_CHECK, "split")}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
-def test_kernel_in_interpreter_equals_reference():
-    rows = _run(KERNEL_CHECK)
+def test_kernel_in_interpreter_equals_reference(interpreted):
+    rows = _result(interpreted["kernel"])
     assert len(rows) == 3 * 8 * 6 + 3 * 4 * 4 + 32  # + the folded-norm rows
     for r in rows:
         if "qkv" in r:  # q (M, Hq*hd) and the cache contents (written columns and untouched ones)
@@ -182,8 +205,8 @@ def test_kernel_in_interpreter_equals_reference():
 
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 @pytest.mark.parametrize("tiles", ["default", "split"])
-def test_generation_with_interpreted_kernels_equals_full_forward(tiles):
-    results = _run(GENERATION_CHECK, tiles)
+def test_generation_with_interpreted_kernels_equals_full_forward(interpreted, tiles):
+    results = _result(interpreted[tiles])
     by_name = {r["name"]: r for r in results}
     assert len(results) == (4 if tiles == "default" else 2)
     if "debug-hybrid" in by_name:  # CAT layers of the hybrid keep the model's ops; every other block is fused
