@@ -56,13 +56,13 @@ def test_unknown_job_is_refused_before_any_work(tmp_path):
 
 
 def test_tuned_linear_tiles_reach_the_generation_jobs_only(tmp_path, capsys):
-    """--fused-linear --linear-config FILE goes to both generation jobs and no training job;
+    """--fused-linear --linear-config FILE --pdl MODE go to both generation jobs and no training job;
     a missing file or --linear-config without --fused-linear is refused before any work."""
     tuned = tmp_path / "tuned.json"
     tuned.write_text(json.dumps({"entries": []}))
-    assert bt.main(["--list", "--no-anchor", "--fused-linear", "--linear-config", str(tuned)]) == 0
+    assert bt.main(["--list", "--no-anchor", "--fused-linear", "--linear-config", str(tuned), "--pdl", "prefetch"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    with_tiles = {line.split()[0] for line in lines if f"--fused-linear --linear-config {tuned}" in line}
+    with_tiles = {line.split()[0] for line in lines if f"--fused-linear --linear-config {tuned} --pdl prefetch" in line}
     assert with_tiles == {"gen-64", "gen-320"}, lines
     for argv, msg in ([str(tmp_path / "missing.json"), "--fused-linear"], "no such file"), ([str(tuned)], "needs --fused-linear"):
         with pytest.raises(SystemExit) as e:

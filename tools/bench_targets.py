@@ -84,7 +84,8 @@ def jobs(a) -> list[Job]:
                        note="reference-sized CAT, chunk 8" + (" (+ torchtitan at the decoder's size)"
                                                               if i == 0 and anchor else "")))
     fused = (["--fused-linear"] if a.fused_linear else []) + (
-        ["--linear-config", str(a.linear_config)] if a.linear_config else [])
+        ["--linear-config", str(a.linear_config)] if a.linear_config else []) + (
+        ["--pdl", a.pdl] if a.pdl != "off" else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),
@@ -253,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--fused-linear", action="store_true", help="generation with cat_titan.infer.decode_linear")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
+    p.add_argument("--pdl", choices=["off", "wait", "prefetch"], default="off",
+                   help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
     p.add_argument("--force", action="store_true", help="rerun jobs whose results are already in --out")
     a = p.parse_args(argv)
