@@ -109,9 +109,17 @@ def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk, mode):
 def test_cuda_fused_linears_equal_eager(name, chunk, mode):
     """Blocks and head as decode_linear kernels (fp32: IEEE dots), eager, compiled and in
     CUDA graphs: the unfused eager tokens, logits to 1e-4."""
+    check_fused_generation(name, chunk, mode)
+
+
+def check_fused_generation(name, chunk, mode, after_reference=None):
+    """test_cuda_fused_linears_equal_eager's check; after_reference() runs between the
+    reference generation and the fused one (test_pdl.py: turns PDL launches on)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))
+    if after_reference is not None:
+        after_reference()
     runner = make_runner(model, len(prompts), 13 + 24, chunk or model.args.chunk_size)
     fused = runner.fuse_linears()
     assert any(fused) and runner.fused_head

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from cat_titan.infer import pdl, stream
+from cat_titan.infer import pdl
 from cat_titan.infer.decode_linear import decode_linear, make_locks, reference_decode_linear, triton
 from cat_titan.models.common import RMSNorm
 
@@ -173,28 +173,14 @@ def test_pdl_ops_fake_shapes_are_the_kernels_outputs():
 @pytest.mark.parametrize("graphs", [None, "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
 def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
-    from .test_generate_cuda import _cuda, _prompts
+    from .test_generate_cuda import check_fused_generation
 
     ok, why = pdl.supported()
     if not ok:
         pytest.skip(f"PDL not supported here: {why}")
-    model = _cuda(name)
-    prompts = _prompts((6, 9, 13), seed=13)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        want = list(stream(model, prompts, 24, chunk_size=chunk))
-        pdl.set_mode(mode)
-        from cat_titan.infer import make_runner
-
-        runner = make_runner(model, len(prompts), 13 + 24, chunk or model.args.chunk_size)
-        assert any(runner.fuse_linears())
-        if graphs:
-            runner.compile_step(mode=graphs)
-        for _ in range(2):  # the second run replays the graphs on new cache contents
-            steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
-            assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
-            assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, want)) <= 1e-4
-        assert int(runner.locks.abs().sum()) == 0
+    try:  # PDL on after the reference: it runs without any PDL launch
+        check_fused_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
