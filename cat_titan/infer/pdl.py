@@ -36,6 +36,13 @@ import os
 
 import torch
 
+try:  # grid dependency control (triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+
+    _GDC_ERROR = None
+except ImportError as e:  # pragma: no cover - old triton, or none
+    _GDC_ERROR = e
+
 MODES = ("off", "wait", "prefetch")
 ENV = "CAT_TITAN_PDL"
 
@@ -70,10 +77,8 @@ def supported(device: torch.device | str | int | None = None) -> tuple[bool, str
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return False, f"compute capability {major}.{minor} (PDL needs 9.0, Hopper, or later)"
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except ImportError as e:
-        return False, f"this triton has no grid dependency control ({e})"
+    if _GDC_ERROR is not None:
+        return False, f"this triton has no grid dependency control ({_GDC_ERROR})"
     return True, ""
 
 
@@ -85,6 +90,7 @@ def active(t: torch.Tensor) -> bool:
 _SUPPORTED: dict[int, bool] = {}
 
 
+@torch._dynamo.assume_constant_result  # traced in the decode step: evaluated once, eagerly
 def _supported_index(index: int) -> bool:
     if index not in _SUPPORTED:
         _SUPPORTED[index] = supported(index)[0]

@@ -10,6 +10,7 @@ runs them in place). On CUDA: generation with PDL launches equals the unfused ea
 eager and in CUDA graphs (fp32, logits to 1e-4 as test_generate_cuda.py).
 """
 
+import os
 import re
 
 import pytest
@@ -184,3 +185,28 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
         check_fused_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_device_support_is_a_constant_in_a_compiled_step(monkeypatch):
+    """decode_linear asks pdl.active() inside the traced decode step: the device query runs
+    eagerly at trace time (no graph break, no CUDA call in the graph) and the compiled step
+    keeps its answer."""
+    calls = []
+
+    def fake_supported(index):  # with a call dynamo cannot trace, as the CUDA queries it stands for
+        with open(os.devnull) as f:
+            f.read()
+        calls.append(index)
+        return True, ""
+
+    monkeypatch.setattr(pdl, "supported", fake_supported)
+    monkeypatch.setattr(pdl, "_SUPPORTED", {})
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    step = torch.compile(lambda x: x + 1 if pdl._supported_index(3) else x - 1, backend=backend, fullgraph=True)
+    assert torch.equal(step(torch.zeros(2)), torch.ones(2)) and torch.equal(step(torch.ones(2)), 2 * torch.ones(2))
+    assert calls == [3] and len(graphs) == 1
