@@ -6,7 +6,7 @@ wait, and (mode 'prefetch') issue their bulk L2 prefetches of the weight before 
 off the code has no grid dependency control at all. The modes are validated before any work,
 CPU tensors never take the PDL ops, and the opaque ops' fake implementations give the real
 shapes (what torch.compile plans with; test_decode_linear.py checks that the compiled step
-runs them in place). On CUDA: generation with PDL launches equals the unfused eager tokens,
+runs them in place), and the device-support query is a trace-time constant. On CUDA: generation with PDL launches equals the unfused eager tokens,
 eager and in CUDA graphs (fp32, logits to 1e-4 as test_generate_cuda.py).
 """
 
