@@ -324,7 +324,7 @@ if triton is not None:
     def _l2_prefetch(ptrs, nbytes):
         """One bulk L2 prefetch per element (sm_90+): nbytes (a multiple of 16) from each
         16-byte-aligned pointer. The dummy result keeps the op; it is never read."""
-        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
                                          [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit

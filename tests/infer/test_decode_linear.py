@@ -656,3 +656,22 @@ def test_cuda_qkv_kernel_bf16_within_the_unfused_error(T, G):
     untouched[torch.arange(M, device=dev) // T, cols] = False
     for got, before in zip(fused_c, caches):
         assert torch.equal(got.permute(0, 2, 1, 3)[untouched], before.permute(0, 2, 1, 3)[untouched])
+
+
+@pytest.mark.skipif(triton is None, reason="triton is not installed: no kernel source to embed")
+def test_kernel_sources_inductor_embeds_have_no_backslash():
+    """torch.compile pastes a user kernel's source (and the jit functions it calls) into its
+    generated module inside a string literal; torch 2.11 does not escape it, so a backslash
+    (e.g. a '\\n' in an inline-asm string) ends the literal: on an H100 (session 13) the fused
+    step failed to compile with "unterminated string literal"."""
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+    closure = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+    if closure is None:
+        pytest.skip(f"torch {torch.__version__} has no user_defined_triton_kernel_transitive_closure_source_code")
+    from cat_titan.infer import decode_attention as da
+    from cat_titan.infer import decode_linear as dl
+
+    for kernel in (dl._decode_linear_kernel, dl._decode_linear_sk_kernel, da._decode_kernel):
+        src = closure(kernel)
+        assert "inline_asm_elementwise" in src or kernel is da._decode_kernel  # the closure reaches the helpers
+        assert "\\" not in src, (kernel.fn.__name__, [line for line in src.splitlines() if "\\" in line])
