@@ -27,7 +27,8 @@ class JobConfig:
     lease_timeout_s: float = 300.0
     """One job per run_dir: rank 0 holds run_dir/.lease.json and renews it every timeout/10 s; another job's
     lease counts as abandoned this long after its last heartbeat (or at once if its process is gone from
-    this host, or it is this job's own: a requeue). 0: no lease."""
+    this host, or it is this job's own: a requeue, or under Slurm the same step restarting; see
+    cat_titan/train/lease.py). 0: no lease."""
 
 
 @dataclass

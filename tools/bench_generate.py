@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cat_titan.infer import pdl  # noqa: E402
 from cat_titan.infer.bench import SpeedConfig, build_runner, measure_generation, random_prompts  # noqa: E402
 from cat_titan.models.registry import build_model, get_preset  # noqa: E402
 
@@ -126,11 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
-    p.add_argument("--pdl", choices=["off", "wait", "prefetch"], default="off",
+    p.add_argument("--pdl", choices=pdl.MODES, default="off",
                    help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode kernels "
                         "(decode attention, and decode_linear with --fused-linear) and inductor's own kernels "
                         "launch while the previous kernel runs; prefetch: decode_linear also prefetches its weight "
-                        "slice into L2 before it waits (experimental, untimed)")
+                        "slice into L2 before it waits (experimental: slower on an H100, docs/benchmarks.md)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -161,8 +162,6 @@ def main(argv=None) -> int:
         print(f"decode_linear: tuned tiles for {n} shapes from {a.linear_config}", file=sys.stderr)
     device = torch.device(a.device)
     if a.pdl != "off":
-        from cat_titan.infer import pdl
-
         ok, why = pdl.supported(device) if device.type == "cuda" else (False, f"device {device}")
         if not ok:
             p.error(f"--pdl {a.pdl} needs a CUDA device of compute capability 9.0 or later: {why}; use --pdl off")

@@ -71,7 +71,7 @@ def kernel_config(hd: int, n_cols: int) -> dict:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
     if q.is_cuda and kernel_supports(q, k):
-        if pdl.active(q):
+        if pdl.launch_mode(q) != "off":
             return torch.ops.cat_titan.decode_attention_pdl(q, k, v, lengths)
         return torch.ops.cat_titan.decode_attention(q, k, v, lengths)
     return reference_decode_attention(q, k, v, lengths)

@@ -132,9 +132,10 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
     ``fold_norm_weight(weight, norm.weight)`` and only the norm's row scale is applied."""
     if locks is not None and use_kernel(x) and kernel_supports(x, w, norm):
         g, eps, folded = _norm_args(norm, norm_in_w)
-        if pdl.active(x):
+        launch = pdl.launch_mode(x)
+        if launch != "off":
             return torch.ops.cat_titan.decode_linear_pdl(x, w, g, residual, locks, eps, swiglu, folded,
-                                                         pdl.mode() == "prefetch")
+                                                         launch == "prefetch")
         return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu, folded)
     return reference_decode_linear(x, w, norm, residual, swiglu, norm_in_w)
 
@@ -177,8 +178,9 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
         # the kernel reads the tables as dense (M, hd) rows and the columns as one per row
         args = (x, w, g, locks, k_cache, v_cache, cos.contiguous(), sin.contiguous(), cols.contiguous(), eps, T, G,
                 folded)
-        if pdl.active(x):
-            return torch.ops.cat_titan.decode_qkv_pdl(*args, pdl.mode() == "prefetch")
+        launch = pdl.launch_mode(x)
+        if launch != "off":
+            return torch.ops.cat_titan.decode_qkv_pdl(*args, launch == "prefetch")
         return torch.ops.cat_titan.decode_qkv(*args)
     return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G, norm_in_w)
 
@@ -476,7 +478,7 @@ if triton is not None:
     def launch_decode_linear(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                              locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
                              qkv: Optional[tuple] = None, wrap=None, g_in_w: bool = False,
-                             pdl: str = "off") -> Tensor:
+                             pdl_mode: str = "off") -> Tensor:
         """Run the kernel (``wrap``: e.g. ``torch.library.wrap_triton`` under torch.compile).
         config overrides ``linear_config``'s BM, BN, BK, SPLIT_K, PROGRAMS, num_warps, num_stages;
         PROGRAMS > 0 runs the stream-K kernel on that many programs (SPLIT_K is then unused).
@@ -484,13 +486,12 @@ if triton is not None:
         (see ``decode_qkv``); returns q (M, Hq * hd). g_in_w: w already carries the norm's
         weight (w * g over K, ``fold_norm_weight``): the kernel applies only the norm's row
         scale, so x goes to the tensor cores as loaded (session 12: ~75 fewer registers).
-        pdl: 'wait' or 'prefetch' launches with programmatic dependent launch (infer/pdl.py;
+        pdl_mode: 'wait' or 'prefetch' launches with programmatic dependent launch (infer/pdl.py;
         not through ``wrap``: inductor's launcher drops launch attributes); 'prefetch' also
         prefetches each program's weight slice into L2 before the wait, where the weight's rows
         are contiguous and 16-byte aligned (otherwise it is 'wait')."""
-        if pdl not in ("off", "wait", "prefetch"):
-            raise ValueError(f"decode_linear: unknown pdl mode {pdl!r}; use off, wait or prefetch")
-        if pdl != "off" and wrap is not None:
+        pdl.check_mode(pdl_mode, "decode_linear")
+        if pdl_mode != "off" and wrap is not None:
             raise ValueError("decode_linear: a PDL launch cannot go through torch.compile's wrap_triton "
                              "(inductor launches user kernels without launch attributes); call it outside")
         M, K = x.shape
@@ -534,8 +535,8 @@ if triton is not None:
             kernel, sizes, split_kw = _decode_linear_kernel, (k_split,), dict(SPLIT_K=split)
         # PDL and PREFETCH always passed: torch.compile's analysis of what the kernel writes
         # fails on a constexpr left to its default (and then clones every argument)
-        launch = dict(PDL=pdl != "off", PREFETCH=pdl == "prefetch" and _bulk_prefetchable(w, BK))
-        if pdl != "off":
+        launch = dict(PDL=pdl_mode != "off", PREFETCH=pdl_mode == "prefetch" and _bulk_prefetchable(w, BK))
+        if pdl_mode != "off":
             launch["launch_pdl"] = True
         (wrap or (lambda k: k))(kernel)[grid](
             x, w, g if g is not None else x, res, out, work, ss_work, locks, cos, sin, k_cache, v_cache, cols,
@@ -575,7 +576,7 @@ if triton is not None:
                            v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int,
                            g_in_w: bool, prefetch: bool) -> Tensor:
         return launch_decode_linear(x, w, g, None, locks, eps, False, qkv=(k_cache, v_cache, cos, sin, cols, T, G),
-                                    g_in_w=g_in_w, pdl="prefetch" if prefetch else "wait")
+                                    g_in_w=g_in_w, pdl_mode="prefetch" if prefetch else "wait")
 
     @_decode_qkv_pdl_op.register_fake
     def _(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G, g_in_w, prefetch):

@@ -51,7 +51,7 @@ ENV = "CAT_TITAN_PDL"
 _mode: str | None = None  # None: not set yet, read ENV on first use
 
 
-def _check(mode: str, where: str) -> str:
+def check_mode(mode: str, where: str) -> str:
     if mode not in MODES:
         raise ValueError(f"{where}: unknown PDL mode {mode!r}; use one of {', '.join(MODES)}")
     return mode
@@ -62,13 +62,13 @@ def set_mode(mode: str) -> None:
     access) or 'prefetch' ('wait', and the program's weight slice is prefetched into L2
     before the wait)."""
     global _mode
-    _mode = _check(mode, "pdl.set_mode")
+    _mode = check_mode(mode, "pdl.set_mode")
 
 
 def mode() -> str:
     global _mode
     if _mode is None:
-        _mode = _check(os.environ.get(ENV, "off") or "off", f"environment variable {ENV}")
+        _mode = check_mode(os.environ.get(ENV, "off") or "off", f"environment variable {ENV}")
     return _mode
 
 
@@ -87,6 +87,11 @@ def supported(device: torch.device | str | int | None = None) -> tuple[bool, str
 def active(t: torch.Tensor) -> bool:
     """PDL launches for a kernel on t's device: a mode is on and the device supports it."""
     return mode() != "off" and t.is_cuda and _supported_index(t.device.index or 0)
+
+
+def launch_mode(t: torch.Tensor) -> str:
+    """The mode a kernel on t's device launches with: ``mode()`` where ``active(t)``, else 'off'."""
+    return mode() if active(t) else "off"
 
 
 _SUPPORTED: dict[int, bool] = {}

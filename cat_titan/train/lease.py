@@ -69,6 +69,11 @@ def job_attempt(env: Optional[dict] = None) -> tuple[Optional[int], Optional[str
     return attempt, env.get("SLURM_STEP_ID") or "batch"
 
 
+def this_job() -> tuple[str, Optional[int], Optional[str]]:
+    """This process's (job, attempt, step): ``job_identity`` and ``job_attempt``."""
+    return (job_identity(), *job_attempt())
+
+
 def read_lease(run_dir: str | os.PathLike[str]) -> Optional[dict]:
     """The lease's record, None without one, {} for an unreadable file (treated as abandoned)."""
     try:
@@ -137,7 +142,7 @@ def lease_problem(run_dir, timeout_s: float, job: Optional[str] = None, attempt:
     if timeout_s <= 0 or holder is None:
         return None
     if job is None:
-        job, (attempt, step) = job_identity(), job_attempt()
+        job, attempt, step = this_job()
     if takeover_reason(holder, job, timeout_s, attempt, step) is not None:
         return None
     return refusal(holder, timeout_s, run_dir)
@@ -154,7 +159,7 @@ class RunLease:
         self.timeout_s, self.interval_s = timeout_s, timeout_s / 10
         self.job, self.attempt, self.step = job, attempt, step
         if job is None:
-            self.job, (self.attempt, self.step) = job_identity(), job_attempt()
+            self.job, self.attempt, self.step = this_job()
         self.token = uuid.uuid4().hex  # this process's hold, even within one job
         self.log, self.settle_s = log, settle_s
         self.lost = threading.Event()

@@ -125,10 +125,10 @@ def test_launcher_refuses_bad_pdl_arguments():
     from cat_titan.infer.decode_linear import launch_decode_linear
 
     x, w = torch.randn(4, 32), torch.randn(16, 32)
-    with pytest.raises(ValueError, match="unknown pdl mode 'on'"):
-        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl="on")
+    with pytest.raises(ValueError, match="unknown PDL mode 'on'"):
+        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl_mode="on")
     with pytest.raises(ValueError, match="cannot go through torch.compile's wrap_triton"):
-        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl="wait", wrap=lambda k: k)
+        launch_decode_linear(x, w, None, None, make_locks("cpu"), 1e-5, False, pdl_mode="wait", wrap=lambda k: k)
 
 
 def test_cpu_tensors_never_take_the_pdl_ops():
