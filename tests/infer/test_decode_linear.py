@@ -352,21 +352,46 @@ def _hopper_compiler() -> tuple[bool, str]:
 HOPPER_OK, HOPPER_WHY_NOT = _hopper_compiler()
 
 
-@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
-def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
-    """Compiled ahead of time for an H100/H200 (sm_90, ptxas from triton's wheel: no GPU
-    needed), every epilogue and split at the default tiles: compiles, issues asynchronous
-    copies (a multi-stage software pipeline) and Hopper's warp-group MMA. The signature is
-    what Triton's JIT specialises for the runners' contiguous tensors: unit strides become
-    constants, pointers and sizes are divisible by 16 (without that, no vectorised copies)."""
+def compile_for_hopper(kernel, ptrs: dict, const: dict, aligned: tuple = (), **options):
+    """``kernel`` compiled ahead of time for sm_90 (ptxas from triton's wheel: no GPU needed)
+    with the signature Triton's JIT specialises for contiguous tensors: ptrs' pointer types,
+    the constexprs in const (unit strides among them), every other argument i32, and the
+    pointers and the ``aligned`` sizes divisible by 16 (without that, no vectorised copies)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = kernel.arg_names
+    signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
+                           if n in ptrs or n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_decode_linear_for_hopper(norm: bool, resid: bool, swiglu: bool, qkv: bool, split: int,
+                                     folded: bool = False, pdl: bool = False, prefetch: bool = False):
+    """decode_linear as the runners launch it at batch 64 (1536 -> 4096) with the default tiles:
+    split SPLIT_K programs per tile, 0 the stream-K kernel; folded: the norm weight in w."""
     from cat_titan.infer.decode_linear import _decode_linear_kernel, _decode_linear_sk_kernel, linear_config
 
     ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
                 Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
     cfg = linear_config(64, 1536, 4096, False, 132)
+    const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, SCALE_X=not folded, RESID=resid,
+                 SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
+                 IEEE=False, PDL=pdl, PREFETCH=prefetch)
+    if split:
+        const["SPLIT_K"] = split
+    return compile_for_hopper(_decode_linear_sk_kernel if split == 0 else _decode_linear_kernel, ptrs, const,
+                              ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb", "skh", "skn"),
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
+def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
+    """Compiled ahead of time for an H100/H200 (``compile_decode_linear_for_hopper``), every
+    epilogue and split at the default tiles: compiles, issues asynchronous copies (a
+    multi-stage software pipeline) and Hopper's warp-group MMA."""
     # split: SPLIT_K programs per tile; 0: the stream-K kernel; folded: the norm weight in w (SCALE_X off)
     for norm, resid, swiglu, qkv, split, folded in [
             (True, False, False, False, 1, False), (False, True, False, False, 2, False),
@@ -374,21 +399,7 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
             (True, False, False, True, 1, False), (True, False, False, True, 2, False),
             (False, True, False, False, 0, False), (True, False, True, False, 0, False),
             (True, False, False, True, 0, False), (True, False, True, False, 1, True), (True, False, False, True, 0, True)]:
-        kernel = _decode_linear_sk_kernel if split == 0 else _decode_linear_kernel
-        names = kernel.arg_names
-        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=norm, SCALE_X=not folded, RESID=resid,
-                     SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
-                     IEEE=False, PDL=False, PREFETCH=False)
-        if split:
-            const["SPLIT_K"] = split
-        signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
-        aligned = [n for n in names if n in ptrs or n in ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb",
-                                                          "skh", "skn")]
-        src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
-                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-        ir = compiled.asm["ttgir"]
+        ir = compile_decode_linear_for_hopper(norm, resid, swiglu, qkv, split, folded).asm["ttgir"]
         assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, qkv, split)
         assert "warp_group_dot" in ir, (norm, resid, swiglu, qkv, split)
 

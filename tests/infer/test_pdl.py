@@ -6,8 +6,9 @@ wait, and (mode 'prefetch') issue their bulk L2 prefetches of the weight before 
 off the code has no grid dependency control at all. The modes are validated before any work,
 CPU tensors never take the PDL ops, and the opaque ops' fake implementations give the real
 shapes (what torch.compile plans with; test_decode_linear.py checks that the compiled step
-runs them in place), and the device-support query is a trace-time constant. On CUDA: generation with PDL launches equals the unfused eager tokens,
-eager and in CUDA graphs (fp32, logits to 1e-4 as test_generate_cuda.py).
+runs them in place), and the device-support query is a trace-time constant. On CUDA: generation
+with PDL launches equals the unfused eager tokens, eager and in CUDA graphs (fp32, logits to
+1e-4 as test_generate_cuda.py).
 """
 
 import os
@@ -20,7 +21,7 @@ from cat_titan.infer import pdl
 from cat_titan.infer.decode_linear import decode_linear, make_locks, reference_decode_linear, triton
 from cat_titan.models.common import RMSNorm
 
-from .test_decode_linear import HOPPER_OK, HOPPER_WHY_NOT
+from .test_decode_linear import HOPPER_OK, HOPPER_WHY_NOT, compile_decode_linear_for_hopper, compile_for_hopper
 
 # a global memory access in PTX: asynchronous copies to shared memory, loads, stores, atomics
 _GLOBAL = re.compile(r"cp\.async\.c[ag]\.|ld\.global|st\.global|atom\.|red\.global|cp\.async\.bulk\.tensor")
@@ -44,38 +45,15 @@ def _ptx_order(ptx: str) -> dict:
                 prefetch=[i for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2" in l])
 
 
-def _compile(kernel, ptrs: dict, const: dict, aligned: tuple, **options) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
-    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
-                           if n in ptrs or n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
 @pytest.mark.parametrize("mode", ["off", "wait", "prefetch"])
 def test_decode_linear_for_hopper_waits_before_any_global_access(mode):
-    from cat_titan.infer.decode_linear import _decode_linear_kernel, _decode_linear_sk_kernel, linear_config
-
-    ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
-                Locks="*i32", Cos="*fp32", Sin="*fp32", Kc="*bf16", Vc="*bf16", Cols="*i64")
-    aligned = ("sxm", "swn", "srm", "som", "N", "K", "K_SPLIT", "skb", "skh", "skn")
-    cfg = linear_config(64, 1536, 4096, False, 132)
     # (swiglu, residual, qkv, split; 0: stream-K): every schedule, both epilogue families
     for swiglu, resid, qkv, split in [(True, False, False, 1), (False, True, False, 3), (True, False, False, 0),
                                       (False, False, True, 2), (False, False, True, 0)]:
-        kernel = _decode_linear_sk_kernel if split == 0 else _decode_linear_kernel
-        const = dict(sxk=1, swk=1, srn=1, son=1, skd=1, EPS=1e-5, NORM=True, SCALE_X=True, RESID=resid,
-                     SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, BM=cfg["BM"], BN=64 if qkv else cfg["BN"], BK=cfg["BK"],
-                     IEEE=False, PDL=mode != "off", PREFETCH=mode == "prefetch")
-        if split:
-            const["SPLIT_K"] = split
         case = (swiglu, resid, qkv, split)
-        at = _ptx_order(_compile(kernel, ptrs, const, aligned, num_warps=4, num_stages=3))
+        at = _ptx_order(compile_decode_linear_for_hopper(True, resid, swiglu, qkv, split, pdl=mode != "off",
+                                                         prefetch=mode == "prefetch").asm["ptx"])
         assert at["access"] is not None, case
         if mode == "off":
             assert at["wait"] is None and at["launch"] is None and not at["prefetch"], (case, at)
@@ -98,8 +76,8 @@ def test_decode_attention_for_hopper_waits_before_any_global_access(on):
     ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", Out="*bf16")
     const = dict(sq_d=1, sk_d=1, sv_d=1, so_d=1, HKV=12, G=2, T=1, HD=64, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"],
                  IEEE=False, SCALE=0.125, PDL=on)
-    at = _ptx_order(_compile(_decode_kernel, ptrs, const, (), num_warps=cfg["num_warps"],
-                             num_stages=cfg["num_stages"]))
+    at = _ptx_order(compile_for_hopper(_decode_kernel, ptrs, const, num_warps=cfg["num_warps"],
+                                       num_stages=cfg["num_stages"]).asm["ptx"])
     assert at["access"] is not None and not at["prefetch"], at
     if on:
         assert at["wait"] is not None and at["wait"] < at["access"] and at["wait"] < at["launch"], at
