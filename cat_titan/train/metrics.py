@@ -106,22 +106,13 @@ def summarize_gpu_samples(samples: list[tuple[float, float, float]], power_limit
     return out
 
 
-def _power_limit_w(device: torch.device) -> Optional[float]:
-    try:
-        import pynvml
-
-        return pynvml.nvmlDeviceGetEnforcedPowerLimit(torch.cuda._get_pynvml_handler(device)) / 1e3
-    except Exception:  # optional detail: NVML builds and torch versions differ
-        return None
-
-
 class GpuSampler:
     """The SM clock and power draw of one GPU, sampled by a thread every ``interval`` seconds
-    while the context is open (NVML, through torch.cuda.clock_rate and power_draw; needs
-    nvidia-ml-py). A training step of the reference-sized CAT holds an H200 at its 700 W limit,
-    where the clock runs 10-15% under its maximum and dips further for a moment about one second
-    into the load (docs/benchmarks.md, session 11): the summary tells a slow machine from a slow
-    step. ``summary()`` is None off CUDA or without NVML (``error`` says why)."""
+    while the context is open (NVML; needs nvidia-ml-py). A training step of the reference-sized
+    CAT holds an H200 at its 700 W limit, where the clock runs 10-15% under its maximum and dips
+    further for a moment about one second into the load (docs/benchmarks.md, session 11): the
+    summary tells a slow machine from a slow step. ``summary()`` is None off CUDA or without
+    NVML (``error`` says why)."""
 
     def __init__(self, device: torch.device, interval: float = 0.05):
         self.device, self.interval = device, interval
@@ -130,20 +121,32 @@ class GpuSampler:
         self.power_limit_w: Optional[float] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._nvml = self._handle = None
 
-    def _read(self) -> tuple[float, float]:
-        return float(torch.cuda.clock_rate(self.device)), torch.cuda.power_draw(self.device) / 1e3  # MHz, W
+    def _read(self) -> tuple[float, float]:  # MHz, W
+        nvml, h = self._nvml, self._handle
+        return float(nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)), nvml.nvmlDeviceGetPowerUsage(h) / 1e3
 
     def __enter__(self) -> "GpuSampler":
         if self.device.type != "cuda":
             self.error = "not a CUDA device"
             return self
-        try:
+        try:  # NVML once per context, not per sample (torch.cuda.clock_rate re-initialises it per call)
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            # NVML numbers GPUs physically; this maps through CUDA_VISIBLE_DEVICES
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(self.device))
             self._read()
         except Exception as e:  # no nvidia-ml-py, or NVML refused
             self.error = f"{type(e).__name__}: {e}"
+            self._close()
             return self
-        self.power_limit_w = _power_limit_w(self.device)
+        try:
+            self.power_limit_w = self._nvml.nvmlDeviceGetEnforcedPowerLimit(self._handle) / 1e3
+        except Exception:  # optional detail: some parts and drivers refuse it
+            pass
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
         self._thread.start()
         return self
@@ -159,10 +162,19 @@ class GpuSampler:
             self.samples.append((time.perf_counter() - t0, clock, watts))
             self._stop.wait(self.interval)
 
+    def _close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()  # NVML counts inits; this one is ours
+            except Exception:
+                pass
+            self._nvml = self._handle = None
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._close()
 
     def summary(self) -> Optional[dict]:
         return summarize_gpu_samples(self.samples, self.power_limit_w) if self.samples else None

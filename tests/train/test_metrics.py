@@ -1,7 +1,9 @@
 """The MFU arithmetic the trainer's log, bench_train and the torchtitan anchor share, and the
 benchmarks' step timing (time_steps: per-step times, the host's lead over the device)."""
 
+import sys
 import time
+import types
 
 import pytest
 import torch
@@ -54,10 +56,52 @@ def test_gpu_sampler_off_cuda_samples_nothing_and_says_why():
     assert gpu.summary() is None and gpu.error == "not a CUDA device"
 
 
+def test_gpu_sampler_initialises_nvml_once_per_context_not_per_sample(monkeypatch):
+    """NVML stands in for a GPU this machine lacks (the CUDA test below reads a real one): the
+    sampler must open NVML once, read one handle many times and close it once; torch.cuda's
+    clock_rate/power_draw re-initialise NVML on every call."""
+    calls = {"init": 0, "shutdown": 0, "reads": 0}
+
+    class FakeNvml(types.ModuleType):
+        NVML_CLOCK_SM = 1
+
+        def nvmlInit(self):
+            calls["init"] += 1
+
+        def nvmlShutdown(self):
+            calls["shutdown"] += 1
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            assert calls["init"] > calls["shutdown"], "handle asked for outside an init"
+            return ("gpu", i)
+
+        def nvmlDeviceGetClockInfo(self, h, kind):
+            assert h == ("gpu", 0) and kind == 1
+            calls["reads"] += 1
+            return 1755
+
+        def nvmlDeviceGetPowerUsage(self, h):
+            return 650_000  # mW
+
+        def nvmlDeviceGetEnforcedPowerLimit(self, h):
+            return 700_000
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml("pynvml"))
+    with GpuSampler(torch.device("cuda", 0), interval=0.001) as gpu:
+        deadline = time.monotonic() + 10
+        while calls["reads"] < 20 and gpu.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    g = gpu.summary()
+    assert g is not None, gpu.error
+    assert calls["init"] == 1 and calls["shutdown"] == 1
+    assert g["samples"] >= 19 and g["sm_clock_mhz_min"] == 1755 and g["power_w_max"] == 650.0
+    assert g["power_limit_w"] == 700.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gpu_sampler_reads_clock_and_power_while_open():
-    """Needs nvidia-ml-py (torch.cuda.clock_rate / power_draw)."""
+    """Needs nvidia-ml-py."""
     x = torch.randn(4096, 4096, device="cuda")
     with GpuSampler(torch.device("cuda"), interval=0.01) as gpu:
         for _ in range(200):
