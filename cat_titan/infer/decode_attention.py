@@ -134,6 +134,9 @@ if triton is not None:
         """Run ``kernel`` (``_decode_kernel``, or it wrapped for torch.compile); config:
         BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl: a programmatic
         dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch attributes)."""
+        if pdl and not q.is_cuda:
+            raise ValueError(f"decode attention: a PDL launch needs a CUDA device of compute capability 9.0 or "
+                             f"later; q is on {q.device} (launch with pdl=False)")
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv

@@ -494,6 +494,9 @@ if triton is not None:
         if pdl_mode != "off" and wrap is not None:
             raise ValueError("decode_linear: a PDL launch cannot go through torch.compile's wrap_triton "
                              "(inductor launches user kernels without launch attributes); call it outside")
+        if pdl_mode != "off" and not x.is_cuda:
+            raise ValueError(f"decode_linear: a PDL launch (mode {pdl_mode!r}) needs a CUDA device of compute "
+                             f"capability 9.0 or later; x is on {x.device} (use pdl_mode='off')")
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
@@ -586,7 +589,7 @@ if triton is not None:
     def _decode_linear_pdl_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                               locks: Tensor, eps: float, swiglu: bool, g_in_w: bool, prefetch: bool) -> Tensor:
         return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, g_in_w=g_in_w,
-                                    pdl="prefetch" if prefetch else "wait")
+                                    pdl_mode="prefetch" if prefetch else "wait")
 
     @_decode_linear_pdl_op.register_fake
     def _(x, w, g, residual, locks, eps, swiglu, g_in_w, prefetch):

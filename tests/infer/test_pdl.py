@@ -146,6 +146,30 @@ def test_pdl_ops_fake_shapes_are_the_kernels_outputs():
         assert out.shape == (3, 2, 6, 16) and out.is_contiguous()
 
 
+@pytest.mark.skipif(triton is None, reason="triton is not installed: the PDL ops are not registered")
+def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
+    """The real ops (not their fakes), on CPU: each one's arguments must reach the launcher,
+    which refuses a PDL launch off CUDA before any kernel runs. (Session 13 renamed the
+    launcher's keyword and left decode_linear_pdl passing the old one: a TypeError that only
+    a GPU run would have shown.)"""
+    import cat_titan.infer.decode_attention  # noqa: F401  (registers decode_attention_pdl)
+
+    x, locks = torch.zeros(6, 96), torch.zeros(1024, dtype=torch.int32)
+    w = torch.zeros(2 * 80, 96)
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'prefetch'\).*x is on cpu"):
+        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, True)
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*x is on cpu"):
+        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, False, False, False)
+    wqkv = torch.zeros(2 * (3 + 2) * 16, 96)
+    kc, vc = torch.zeros(3, 2, 9, 16), torch.zeros(3, 2, 9, 16)
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*x is on cpu"):
+        torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, torch.ones(6, 16), torch.zeros(6, 16),
+                                           torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, False)
+    q = torch.zeros(3, 6, 2, 16).transpose(1, 2)
+    with pytest.raises(ValueError, match="decode attention: a PDL launch needs a CUDA device.*q is on cpu"):
+        torch.ops.cat_titan.decode_attention_pdl(q, kc, vc, torch.ones(3, 2, dtype=torch.long))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["wait", "prefetch"])
