@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--fused-linear", action="store_true", help="generation with cat_titan.infer.decode_linear")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
-    p.add_argument("--pdl", choices=("off", "wait", "prefetch"), default="off",  # cat_titan.infer.pdl.MODES
+    p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
                    help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
     p.add_argument("--force", action="store_true", help="rerun jobs whose results are already in --out")

@@ -71,8 +71,9 @@ def kernel_config(hd: int, n_cols: int) -> dict:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
     if q.is_cuda and kernel_supports(q, k):
-        if pdl.launch_mode(q) != "off":
-            return torch.ops.cat_titan.decode_attention_pdl(q, k, v, lengths)
+        launch = pdl.launch_mode(q)
+        if launch != "off":  # 'prefetch' has no weight here: it launches as 'wait'
+            return torch.ops.cat_titan.decode_attention_pdl(q, k, v, lengths, launch)
         return torch.ops.cat_titan.decode_attention(q, k, v, lengths)
     return reference_decode_attention(q, k, v, lengths)
 
@@ -86,9 +87,10 @@ if triton is not None:
                        HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr, HD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                        SCALE: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # infer/pdl.py: q, the lengths and the cache's new columns come from earlier kernels
+        if PDL > 0:  # infer/pdl.py (pdl.trigger): q, the lengths and the cache's new columns come from earlier kernels
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()  # e.g. wo may prefetch its weight while this runs
+            if PDL == 1:
+                tl.extra.cuda.gdc_launch_dependents()  # e.g. wo may prefetch its weight while this runs
         pid = tl.program_id(0)
         b, h = pid // HKV, pid % HKV
         r = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), query r % T
@@ -125,18 +127,21 @@ if triton is not None:
                 pv = tl.dot(p.to(vb.dtype), vb)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        if PDL == 2:  # 'late': the cache is streamed, only the store is left
+            tl.extra.cuda.gdc_launch_dependents()
         out = acc / l_i[:, None]
         tl.store(Out + b * so_b + qh[:, None] * so_h + qt[:, None] * so_t + d[None, :] * so_d,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     def launch_decode_kernel(kernel, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor,
-                             config: Optional[dict] = None, pdl: bool = False) -> Tensor:
+                             config: Optional[dict] = None, pdl_mode: str = "off") -> Tensor:
         """Run ``kernel`` (``_decode_kernel``, or it wrapped for torch.compile); config:
-        BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl: a programmatic
-        dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch attributes)."""
-        if pdl and not q.is_cuda:
+        BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl_mode other than 'off': a
+        programmatic dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch
+        attributes)."""
+        if pdl.check_mode(pdl_mode, "decode attention") != "off" and not q.is_cuda:
             raise ValueError(f"decode attention: a PDL launch needs a CUDA device of compute capability 9.0 or "
-                             f"later; q is on {q.device} (launch with pdl=False)")
+                             f"later; q is on {q.device} (launch with pdl_mode='off')")
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -148,8 +153,8 @@ if triton is not None:
             HKV=Hkv, G=G, T=T, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(G * T)),
             # SCALE is a constexpr: a float argument arrives as fp64 through torch.compile and
             # would promote the softmax statistics to fp64
-            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, PDL=pdl, **cfg,
-            **(dict(launch_pdl=True) if pdl else {}))
+            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, PDL=pdl.trigger(pdl_mode), **cfg,
+            **(dict(launch_pdl=True) if pdl_mode != "off" else {}))
         return out
 
     @torch.library.triton_op("cat_titan::decode_attention", mutates_args=())
@@ -158,9 +163,9 @@ if triton is not None:
 
     # PDL launch (infer/pdl.py): opaque to torch.compile, launched by Triton's own launcher
     @torch.library.custom_op("cat_titan::decode_attention_pdl", mutates_args=())
-    def _decode_attention_pdl_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-        return launch_decode_kernel(_decode_kernel, q, k, v, lengths, pdl=True)
+    def _decode_attention_pdl_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, pdl_mode: str) -> Tensor:
+        return launch_decode_kernel(_decode_kernel, q, k, v, lengths, pdl_mode=pdl_mode)
 
     @_decode_attention_pdl_op.register_fake
-    def _(q, k, v, lengths):
+    def _(q, k, v, lengths, pdl_mode):
         return q.new_empty(q.shape)  # (B, Hq, T, hd), contiguous as the launcher's

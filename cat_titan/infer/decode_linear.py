@@ -134,8 +134,7 @@ def decode_linear(x: Tensor, w: Tensor, locks: Optional[Tensor], norm: Optional[
         g, eps, folded = _norm_args(norm, norm_in_w)
         launch = pdl.launch_mode(x)
         if launch != "off":
-            return torch.ops.cat_titan.decode_linear_pdl(x, w, g, residual, locks, eps, swiglu, folded,
-                                                         launch == "prefetch")
+            return torch.ops.cat_titan.decode_linear_pdl(x, w, g, residual, locks, eps, swiglu, folded, launch)
         return torch.ops.cat_titan.decode_linear(x, w, g, residual, locks, eps, swiglu, folded)
     return reference_decode_linear(x, w, norm, residual, swiglu, norm_in_w)
 
@@ -180,7 +179,7 @@ def decode_qkv(x: Tensor, w: Tensor, locks: Tensor, norm: Optional[nn.Module], k
                 folded)
         launch = pdl.launch_mode(x)
         if launch != "off":
-            return torch.ops.cat_titan.decode_qkv_pdl(*args, launch == "prefetch")
+            return torch.ops.cat_titan.decode_qkv_pdl(*args, launch)
         return torch.ops.cat_titan.decode_qkv(*args)
     return reference_decode_qkv(x, w, norm, k_cache, v_cache, cos, sin, cols, T, G, norm_in_w)
 
@@ -358,13 +357,16 @@ if triton is not None:
         ss = tl.zeros([BM], tl.float32)  # sum of x^2 over this program's K range (NORM)
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
-        if PDL:  # infer/pdl.py: only the (constant) weight is touched before the wait
+        if PDL > 0:  # infer/pdl.py (PDL = pdl.trigger(mode)): only the constant weight is touched before the wait
             if PREFETCH:
                 _prefetch_weight(W, rn, N, k_lo, k_hi, swn, SWIGLU)
             tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, residual, counters) are visible
-            tl.extra.cuda.gdc_launch_dependents()
+            if PDL == 1:
+                tl.extra.cuda.gdc_launch_dependents()
         acc, acc3, ss = _accumulate(acc, acc3, ss, X, W, G, rm, rn, m_ok, n_ok, k_lo, k_hi, N, sxm, sxk, swn, swk,
                                     NORM, SCALE_X, SWIGLU, BK, IEEE)
+        if PDL == 2:  # 'late': the weight is streamed; only the epilogue (or the partial's store) is left
+            tl.extra.cuda.gdc_launch_dependents()
         if SPLIT_K == 1:
             _epilogue(acc, acc3, ss, Res, Out, rm, rn, m_ok, n_ok, K, srm, srn, som, son,
                       Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ, T, BM, BN)
@@ -422,14 +424,15 @@ if triton is not None:
         u_hi = (p + 1) * U // P  # > u_lo: the launcher keeps P <= U
         i, j = tl.arange(0, BM), tl.arange(0, BN)
         tile_off = i[:, None] * BN + j[None, :]  # (BM, BN) in a partial's own layout
-        if PDL:  # as in _decode_linear_kernel
+        if PDL > 0:  # as in _decode_linear_kernel
             if PREFETCH:
                 for t in range(u_lo // KU, (u_hi - 1) // KU + 1):
                     k_lo = tl.maximum(u_lo - t * KU, 0) * BK
                     k_hi = tl.minimum(tl.minimum(u_hi - t * KU, KU) * BK, K)
                     _prefetch_weight(W, (t % n_tiles) * BN + j, N, k_lo, k_hi, swn, SWIGLU)
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if PDL == 1:
+                tl.extra.cuda.gdc_launch_dependents()
         for t in range(u_lo // KU, (u_hi - 1) // KU + 1):
             pid_m, pid_n = t // n_tiles, t % n_tiles
             rm, rn = pid_m * BM + i, pid_n * BN + j
@@ -474,6 +477,8 @@ if triton is not None:
                               Cos, Sin, Kc, Vc, Cols, skb, skh, skn, skd, pid_n, EPS, NORM, RESID, SWIGLU, QKV, GQ,
                               T, BM, BN)
                     tl.atomic_xchg(Locks + first, 0)  # ready for the next call
+        if PDL == 2:  # 'late': a program's units span one or two tiles; its epilogues are short
+            tl.extra.cuda.gdc_launch_dependents()
 
     def launch_decode_linear(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
                              locks: Tensor, eps: float, swiglu: bool, config: Optional[dict] = None,
@@ -486,7 +491,7 @@ if triton is not None:
         (see ``decode_qkv``); returns q (M, Hq * hd). g_in_w: w already carries the norm's
         weight (w * g over K, ``fold_norm_weight``): the kernel applies only the norm's row
         scale, so x goes to the tensor cores as loaded (session 12: ~75 fewer registers).
-        pdl_mode: 'wait' or 'prefetch' launches with programmatic dependent launch (infer/pdl.py;
+        pdl_mode: 'wait', 'prefetch' or 'late' launches with programmatic dependent launch (infer/pdl.py;
         not through ``wrap``: inductor's launcher drops launch attributes); 'prefetch' also
         prefetches each program's weight slice into L2 before the wait, where the weight's rows
         are contiguous and 16-byte aligned (otherwise it is 'wait')."""
@@ -538,7 +543,7 @@ if triton is not None:
             kernel, sizes, split_kw = _decode_linear_kernel, (k_split,), dict(SPLIT_K=split)
         # PDL and PREFETCH always passed: torch.compile's analysis of what the kernel writes
         # fails on a constexpr left to its default (and then clones every argument)
-        launch = dict(PDL=pdl_mode != "off", PREFETCH=pdl_mode == "prefetch" and _bulk_prefetchable(w, BK))
+        launch = dict(PDL=pdl.trigger(pdl_mode), PREFETCH=pdl_mode == "prefetch" and _bulk_prefetchable(w, BK))
         if pdl_mode != "off":
             launch["launch_pdl"] = True
         (wrap or (lambda k: k))(kernel)[grid](
@@ -577,22 +582,21 @@ if triton is not None:
     @torch.library.custom_op("cat_titan::decode_qkv_pdl", mutates_args={"locks", "k_cache", "v_cache"})
     def _decode_qkv_pdl_op(x: Tensor, w: Tensor, g: Optional[Tensor], locks: Tensor, k_cache: Tensor,
                            v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor, eps: float, T: int, G: int,
-                           g_in_w: bool, prefetch: bool) -> Tensor:
+                           g_in_w: bool, pdl_mode: str) -> Tensor:
         return launch_decode_linear(x, w, g, None, locks, eps, False, qkv=(k_cache, v_cache, cos, sin, cols, T, G),
-                                    g_in_w=g_in_w, pdl_mode="prefetch" if prefetch else "wait")
+                                    g_in_w=g_in_w, pdl_mode=pdl_mode)
 
     @_decode_qkv_pdl_op.register_fake
-    def _(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G, g_in_w, prefetch):
+    def _(x, w, g, locks, k_cache, v_cache, cos, sin, cols, eps, T, G, g_in_w, pdl_mode):
         return x.new_empty(x.shape[0], w.shape[0] // (G + 2) * G)  # q (M, Hq * hd)
 
     @torch.library.custom_op("cat_titan::decode_linear_pdl", mutates_args={"locks"})
     def _decode_linear_pdl_op(x: Tensor, w: Tensor, g: Optional[Tensor], residual: Optional[Tensor],
-                              locks: Tensor, eps: float, swiglu: bool, g_in_w: bool, prefetch: bool) -> Tensor:
-        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, g_in_w=g_in_w,
-                                    pdl_mode="prefetch" if prefetch else "wait")
+                              locks: Tensor, eps: float, swiglu: bool, g_in_w: bool, pdl_mode: str) -> Tensor:
+        return launch_decode_linear(x, w, g, residual, locks, eps, swiglu, g_in_w=g_in_w, pdl_mode=pdl_mode)
 
     @_decode_linear_pdl_op.register_fake
-    def _(x, w, g, residual, locks, eps, swiglu, g_in_w, prefetch):
+    def _(x, w, g, residual, locks, eps, swiglu, g_in_w, pdl_mode):
         return x.new_empty(x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0])
 
 

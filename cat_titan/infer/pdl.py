@@ -11,6 +11,11 @@ kernel is launched while the current one runs:
   have written (activations, caches, split-K counters and workspaces) or writes anything;
 * right after its wait it allows the next kernel to launch (``gdc_launch_dependents``), so at
   most one kernel ahead is resident and waiting, never a cascade of them;
+* mode "late": the same wait, but the next kernel may launch only once this program is past
+  its main loop (before its epilogue; the attention kernel: before its store). An early
+  launch parks the next grid's programs on the SMs, blocked in their wait, while this grid
+  may still have programs to place: "late" keeps them off until this grid's work is placed
+  and nearly done, and still hides the next launch behind the epilogues and the tail;
 * mode "prefetch": before its wait a program asks L2 for its own slice of the weight (one bulk
   prefetch per weight row, ``cp.async.bulk.prefetch.L2``), so the weight streams from HBM
   while the previous kernel still runs. The weights are constant during a step, so nothing
@@ -45,7 +50,7 @@ try:  # grid dependency control (triton >= 3.4)
 except ImportError as e:  # pragma: no cover - old triton, or none
     _GDC_ERROR = e
 
-MODES = ("off", "wait", "prefetch")
+MODES = ("off", "wait", "prefetch", "late")
 ENV = "CAT_TITAN_PDL"
 
 _mode: str | None = None  # None: not set yet, read ENV on first use
@@ -59,8 +64,9 @@ def check_mode(mode: str, where: str) -> str:
 
 def set_mode(mode: str) -> None:
     """'off' (default), 'wait' (PDL launch, every program waits before its first dependent
-    access) or 'prefetch' ('wait', and the program's weight slice is prefetched into L2
-    before the wait)."""
+    access and then lets the next kernel launch), 'prefetch' ('wait', and the program's weight
+    slice is prefetched into L2 before the wait) or 'late' ('wait', but the next kernel may
+    launch only after the program's main loop)."""
     global _mode
     _mode = check_mode(mode, "pdl.set_mode")
 
@@ -87,6 +93,12 @@ def supported(device: torch.device | str | int | None = None) -> tuple[bool, str
 def active(t: torch.Tensor) -> bool:
     """PDL launches for a kernel on t's device: a mode is on and the device supports it."""
     return mode() != "off" and t.is_cuda and _supported_index(t.device.index or 0)
+
+
+def trigger(mode: str) -> int:
+    """The kernels' PDL constexpr: 0 no grid dependency control, 1 wait then let the next
+    kernel launch at once, 2 wait, and let it launch after the main loop ('late')."""
+    return {"off": 0, "late": 2}.get(check_mode(mode, "pdl.trigger"), 1)
 
 
 def launch_mode(t: torch.Tensor) -> str:

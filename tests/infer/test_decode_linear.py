@@ -259,7 +259,7 @@ MUTATION_CHECK = textwrap.dedent("""
                   sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, som=N, son=1, skb=20480, skh=2560, skn=64, skd=1,
                   EPS=1e-5, NORM=norm, SCALE_X=True, RESID=resid, SWIGLU=swiglu, QKV=qkv, GQ=1, T=1, SPLIT_K=split,
                   BM=64,
-                  BN=64 if qkv else 32, BK=128, IEEE=False, PDL=False, PREFETCH=False)
+                  BN=64 if qkv else 32, BK=128, IEEE=False, PDL=0, PREFETCH=False)
         out[f"{split}-{norm}-{qkv}"] = written(dl._decode_linear_kernel, kw)
         # the stream-K kernel on the same tensors: (programs, 2, ...) workspaces, KU and U for K_SPLIT
         sk = {k: v for k, v in kw.items() if k not in ("K_SPLIT", "SPLIT_K")}
@@ -321,7 +321,7 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
             kernels=sum("triton_kernel_wrapper_mutation" in t for t in targets),
             functional=sum("triton_kernel_wrapper_functional" in t for t in targets),
             pdl_ops=sum(t.startswith("cat_titan.") and "_pdl" in t for t in targets),
-            prefetch=sorted({n.args[-1] for n in nodes if str(n.target).startswith("cat_titan.")}),
+            modes=sorted({n.args[-1] for n in nodes if str(n.target).startswith("cat_titan.") and "_pdl" in str(n.target)}),
             auto_functionalized=sum("auto_functionalized" in t for t in targets),
             clones=sum("clone" in t for t in targets),
             other_copies=sum("copy_" in str(n.target) and n.args[0] is not n.args[1] for n in nodes),
@@ -369,9 +369,10 @@ def compile_for_hopper(kernel, ptrs: dict, const: dict, aligned: tuple = (), **o
 
 
 def compile_decode_linear_for_hopper(norm: bool, resid: bool, swiglu: bool, qkv: bool, split: int,
-                                     folded: bool = False, pdl: bool = False, prefetch: bool = False):
+                                     folded: bool = False, pdl: int = 0, prefetch: bool = False):
     """decode_linear as the runners launch it at batch 64 (1536 -> 4096) with the default tiles:
-    split SPLIT_K programs per tile, 0 the stream-K kernel; folded: the norm weight in w."""
+    split SPLIT_K programs per tile, 0 the stream-K kernel; folded: the norm weight in w; pdl:
+    the PDL constexpr (pdl.trigger)."""
     from cat_titan.infer.decode_linear import _decode_linear_kernel, _decode_linear_sk_kernel, linear_config
 
     ptrs = dict(X="*bf16", W="*bf16", G="*bf16", Res="*bf16", Out="*bf16", Work="*fp32", SSWork="*fp32",
@@ -455,8 +456,8 @@ def test_compiled_fused_step_runs_in_place(pdl):
     for name in names:
         r, plain = out[name]["fused"], out[name]["unfused"]
         n_fused = sum(r["fused"])
-        if pdl:  # the custom ops' last argument: prefetch on
-            assert r["kernels"] == 0 and r["pdl_ops"] == 4 * n_fused + 1 and r["prefetch"] == [True], r
+        if pdl:  # the custom ops' last argument: the mode
+            assert r["kernels"] == 0 and r["pdl_ops"] == 4 * n_fused + 1 and r["modes"] == [pdl], r
         else:
             assert r["kernels"] == 4 * n_fused + 1 and r["pdl_ops"] == 0, r
         assert r["functional"] == r["clones"] == r["other_copies"] == r["index_put_copying"] == 0, r

@@ -35,31 +35,43 @@ def restore_mode():
 
 
 def _ptx_order(ptx: str) -> dict:
-    """Line numbers of the first grid-dependency wait and launch, the first global access, and
-    the bulk L2 prefetches (in the PTX's text order: the kernels' prologues are straight-line)."""
+    """Line numbers of the first grid-dependency wait and launch, the first global access, the
+    last streaming copy (``cp.async``: the main loops' pipelined loads) and plain load, the first
+    global store and the bulk L2 prefetches (in the PTX's text order: the kernels' prologues are straight-line)."""
     lines = ptx.splitlines()
     first = lambda pred: next((i for i, l in enumerate(lines) if pred(l)), None)
+    every = lambda pred: [i for i, l in enumerate(lines) if pred(l)]
+    copies = every(lambda l: re.search(r"cp\.async\.c[ag]\.shared\.global", l) is not None)
     return dict(wait=first(lambda l: "griddepcontrol.wait" in l),
                 launch=first(lambda l: "griddepcontrol.launch_dependents" in l),
+                launches=len(every(lambda l: "griddepcontrol.launch_dependents" in l)),
                 access=first(lambda l: _GLOBAL.search(l) is not None),
-                prefetch=[i for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2" in l])
+                last_load=max(copies, default=None), store=first(lambda l: "st.global" in l),
+                last_ld=max(every(lambda l: "ld.global" in l), default=None),
+                prefetch=every(lambda l: "cp.async.bulk.prefetch.L2" in l))
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
-@pytest.mark.parametrize("mode", ["off", "wait", "prefetch"])
+@pytest.mark.parametrize("mode", pdl.MODES)
 def test_decode_linear_for_hopper_waits_before_any_global_access(mode):
     # (swiglu, residual, qkv, split; 0: stream-K): every schedule, both epilogue families
     for swiglu, resid, qkv, split in [(True, False, False, 1), (False, True, False, 3), (True, False, False, 0),
                                       (False, False, True, 2), (False, False, True, 0)]:
         case = (swiglu, resid, qkv, split)
-        at = _ptx_order(compile_decode_linear_for_hopper(True, resid, swiglu, qkv, split, pdl=mode != "off",
+        at = _ptx_order(compile_decode_linear_for_hopper(True, resid, swiglu, qkv, split, pdl=pdl.trigger(mode),
                                                          prefetch=mode == "prefetch").asm["ptx"])
         assert at["access"] is not None, case
         if mode == "off":
             assert at["wait"] is None and at["launch"] is None and not at["prefetch"], (case, at)
             continue
         assert at["wait"] is not None and at["wait"] < at["access"], (case, at)
-        assert at["wait"] < at["launch"], (case, at)  # never more than one grid ahead
+        assert at["wait"] < at["launch"] and at["launches"] == 1, (case, at)  # never more than one grid ahead
+        if mode == "late":  # after the weight is streamed; with split-K before the first store
+            assert at["launch"] > at["last_load"], (case, at)
+            if split:
+                assert at["launch"] < at["store"], (case, at)
+        else:
+            assert at["launch"] < at["last_load"], (case, at)
         if mode == "prefetch":  # w rows (and w3's with SwiGLU), all before the wait
             assert len(at["prefetch"]) == (2 if swiglu else 1), (case, at)
             assert max(at["prefetch"]) < at["wait"], (case, at)
@@ -68,25 +80,27 @@ def test_decode_linear_for_hopper_waits_before_any_global_access(mode):
 
 
 @pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
-@pytest.mark.parametrize("on", [False, True])
-def test_decode_attention_for_hopper_waits_before_any_global_access(on):
+@pytest.mark.parametrize("mode", ["off", "wait", "late"])
+def test_decode_attention_for_hopper_waits_before_any_global_access(mode):
     from cat_titan.infer.decode_attention import _decode_kernel, kernel_config
 
     cfg = kernel_config(64, 300)
     ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", Out="*bf16")
     const = dict(sq_d=1, sk_d=1, sv_d=1, so_d=1, HKV=12, G=2, T=1, HD=64, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"],
-                 IEEE=False, SCALE=0.125, PDL=on)
+                 IEEE=False, SCALE=0.125, PDL=pdl.trigger(mode))
     at = _ptx_order(compile_for_hopper(_decode_kernel, ptrs, const, num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"]).asm["ptx"])
     assert at["access"] is not None and not at["prefetch"], at
-    if on:
+    if mode != "off":
         assert at["wait"] is not None and at["wait"] < at["access"] and at["wait"] < at["launch"], at
+        # 'late': after the last K/V load (the kernel loads with ld.global), before the output's store
+        assert (at["last_ld"] < at["launch"] < at["store"]) if mode == "late" else at["launch"] < at["last_ld"], at
     else:
         assert at["wait"] is None and at["launch"] is None, at
 
 
 def test_modes_are_checked_before_any_work(monkeypatch):
-    with pytest.raises(ValueError, match="unknown PDL mode 'fast'.*off, wait, prefetch"):
+    with pytest.raises(ValueError, match="unknown PDL mode 'fast'.*off, wait, prefetch, late"):
         pdl.set_mode("fast")
     pdl._mode = None
     monkeypatch.setenv(pdl.ENV, "yes")
@@ -131,18 +145,19 @@ def test_pdl_ops_fake_shapes_are_the_kernels_outputs():
     with FakeTensorMode():
         x, locks = torch.empty(6, 96, dtype=torch.bfloat16), torch.zeros(1024, dtype=torch.int32)
         w = torch.empty(2 * 80, 96, dtype=torch.bfloat16)
-        assert torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, True).shape == (6, 80)
+        assert torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False,
+                                                     "prefetch").shape == (6, 80)
         assert torch.ops.cat_titan.decode_linear_pdl(x, w, None, x.new_empty(6, 160), locks, 1e-5, False, False,
-                                                     False).shape == (6, 160)
+                                                     "late").shape == (6, 160)
         # qkv: 2 KV heads of 16, 3 q heads each (G = 3): q is (M, 2 * 3 * 16)
         wqkv = torch.empty(2 * (3 + 2) * 16, 96, dtype=torch.bfloat16)
         kc = vc = torch.empty(3, 2, 9, 16, dtype=torch.bfloat16)
         cos = torch.empty(6, 16)
         q = torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, cos, cos,
-                                               torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, True)
+                                               torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, "wait")
         assert q.shape == (6, 96) and q.dtype == torch.bfloat16
         qh = torch.empty(3, 6, 2, 16, dtype=torch.bfloat16).transpose(1, 2)  # (B, Hq, T, hd), not contiguous
-        out = torch.ops.cat_titan.decode_attention_pdl(qh, kc, vc, torch.ones(3, 2, dtype=torch.long))
+        out = torch.ops.cat_titan.decode_attention_pdl(qh, kc, vc, torch.ones(3, 2, dtype=torch.long), "late")
         assert out.shape == (3, 2, 6, 16) and out.is_contiguous()
 
 
@@ -157,17 +172,17 @@ def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
     x, locks = torch.zeros(6, 96), torch.zeros(1024, dtype=torch.int32)
     w = torch.zeros(2 * 80, 96)
     with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'prefetch'\).*x is on cpu"):
-        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, True)
-    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*x is on cpu"):
-        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, False, False, False)
+        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, "prefetch")
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'late'\).*x is on cpu"):
+        torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, False, False, "late")
     wqkv = torch.zeros(2 * (3 + 2) * 16, 96)
     kc, vc = torch.zeros(3, 2, 9, 16), torch.zeros(3, 2, 9, 16)
     with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*x is on cpu"):
         torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, torch.ones(6, 16), torch.zeros(6, 16),
-                                           torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, False)
+                                           torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, "wait")
     q = torch.zeros(3, 6, 2, 16).transpose(1, 2)
     with pytest.raises(ValueError, match="decode attention: a PDL launch needs a CUDA device.*q is on cpu"):
-        torch.ops.cat_titan.decode_attention_pdl(q, kc, vc, torch.ones(3, 2, dtype=torch.long))
+        torch.ops.cat_titan.decode_attention_pdl(q, kc, vc, torch.ones(3, 2, dtype=torch.long), "wait")
 
 
 @pytest.mark.gpu
