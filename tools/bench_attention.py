@@ -424,8 +424,8 @@ def decode_chain_rows(device, batch: int = 64, layers: int = 12, D: int = 1536, 
     """A CAT-150m decoder's fused decode chain (per layer: norm + wqkv + RoPE + cache writes,
     decode attention, wo + residual, norm + w1|w3 + SwiGLU, w2 + residual; 5 kernels) over
     ``layers`` layers with their own weights (~680 MB in bf16: each streamed from HBM once per
-    chain), replayed from one CUDA graph, with PDL off, 'wait' and 'prefetch'
-    (cat_titan.infer.pdl); next to the same chain as the model's ops compiled by inductor
+    chain), replayed from one CUDA graph, with each PDL mode (cat_titan.infer.pdl.MODES);
+    next to the same chain as the model's ops compiled by inductor
     (cuBLAS GEMMs + its pointwise kernels + the decode attention kernel). shapes: (cache
     columns, visible columns): chunk 32 and chunk 8 halfway through 2048 tokens. Each PDL mode's
     output must equal the 'off' output bit for bit (the arithmetic is the same)."""
