@@ -13,7 +13,7 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
     python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
-    python tools/bench_attention.py --decode-gemms   # the decode step's matmuls, cuBLAS vs max-autotune
+    python tools/bench_attention.py --decode-gemms   # the decode step's matmuls: cuBLAS, cuBLASLt (--autotune: max-autotune)
     python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
                                                      # stream-K settings vs the unfused ops; FILE: each best
     python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, PDL off / wait /
@@ -308,20 +308,34 @@ DECODE_GEMMS = [("wqkv", 1536, 4608), ("wo", 1536, 1536), ("w1 (or w3)", 1536, 4
                 ("w2", 4096, 1536), ("head", 1536, 32000), ("compressor wqkv", 768, 2304)]
 
 
-def decode_gemm_rows(device, batch: int = 64) -> list[dict]:
-    """The decode step's skinny matmuls (M = batch rows), cuBLAS (F.linear) against inductor's
-    max-autotune choice, each replayed 50 times from a CUDA graph. The weight stays in L2
-    across replays (all but the head fit in the H200's 60 MB), so these are lower bounds of
-    the in-step times; the weight-bytes bandwidth says how far from streaming they are."""
+def decode_gemm_rows(device, batch: int = 64, autotune: bool = False, cycle_bytes: int = 120 * 2**20) -> list[dict]:
+    """The decode step's skinny matmuls (M = batch rows): F.linear through cuBLAS and through
+    cuBLASLt (``torch.backends.cuda.preferred_blas_library``; the environment variable
+    TORCH_BLAS_PREFER_CUBLASLT=1 makes the second the default), and with ``autotune`` inductor's
+    max-autotune choice. Each timing cycles through copies of the weight totalling cycle_bytes
+    (twice the 60 MB L2), as a decode step streams every weight from HBM once (session 4's
+    table kept one weight in L2: lower bounds); the weight-bytes bandwidth says how far from
+    streaming each is."""
     rows = []
+    before = torch.backends.cuda.preferred_blas_library()
     for name, k, n in DECODE_GEMMS:
+        copies = max(2, -(-cycle_bytes // (n * k * 2)))
         x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-        row = {"gemm": name, "M": batch, "K": k, "N": n, "cublas_us": graph_us(lambda: F.linear(x, w))}
-        tuned = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
-        row["autotune_us"] = graph_us(lambda: tuned(x, w))
-        for key in ("cublas", "autotune"):
-            row[f"{key}_weight_TBps"] = n * k * 2 / row[f"{key}_us"] / 1e6
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        chain = lambda f: graph_us(lambda: [f(x, w) for w in ws], calls=5) / copies
+        row = {"gemm": name, "M": batch, "K": k, "N": n, "weight_copies": copies}
+        try:
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                row[f"{lib}_us"] = chain(F.linear)
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+        if autotune:
+            row["autotune_us"] = chain(torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs",
+                                                     dynamic=False))
+        for key in ("cublas", "cublaslt", "autotune"):
+            if f"{key}_us" in row:
+                row[f"{key}_weight_TBps"] = n * k * 2 / row[f"{key}_us"] / 1e6
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -586,7 +600,8 @@ def main() -> int:
     p.add_argument("--decode-sweep", action="store_true",
                    help="only time the decode kernel's tile/warp/stage settings on generation's shapes")
     p.add_argument("--decode-gemms", action="store_true",
-                   help="only time the decode step's matmuls (cuBLAS vs max-autotune) at batch 64")
+                   help="only time the decode step's matmuls (cuBLAS, cuBLASLt; with --autotune also max-autotune) "
+                        "at --decode-batch rows")
     p.add_argument("--decode-linear", action="store_true",
                    help="only time decode_linear's settings against the unfused ops, at --decode-batch rows")
     p.add_argument("--decode-chain", action="store_true",
@@ -598,7 +613,7 @@ def main() -> int:
                         "decode_linear.load_tuned_configs / bench_generate --linear-config")
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
-    p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs")
+    p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs; with --decode-gemms: its GEMM choice")
     p.add_argument("--compressor", action="store_true",
                    help="only time the compressor's attention forms at the chunk sizes the presets train with")
     p.add_argument("--json", type=Path)
@@ -641,7 +656,7 @@ def main() -> int:
     if a.decode_sweep or a.decode_gemms:
         out = {"decode_sweep": decode_sweep_rows(dev)} if a.decode_sweep else {}
         if a.decode_gemms:
-            out["decode_gemms"] = decode_gemm_rows(dev)
+            out["decode_gemms"] = decode_gemm_rows(dev, a.decode_batch, autotune=a.autotune)
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
         return 0

@@ -132,6 +132,10 @@ def main(argv=None) -> int:
                         "(decode attention, and decode_linear with --fused-linear) and inductor's own kernels "
                         "launch while the previous kernel runs; prefetch: decode_linear also prefetches its weight "
                         "slice into L2 before it waits (experimental: slower on an H100, docs/benchmarks.md)")
+    p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
+                   help="the library torch's matmuls (the unfused path's GEMMs) go through "
+                        "(torch.backends.cuda.preferred_blas_library; default: torch's, cuBLAS unless "
+                        "TORCH_BLAS_PREFER_CUBLASLT=1)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -173,6 +177,10 @@ def main(argv=None) -> int:
         else:
             print(f"torch {torch.__version__}: inductor has no triton.enable_pdl; only cat_titan's kernels use PDL",
                   file=sys.stderr)
+    if a.blas != "default":
+        if device.type != "cuda":
+            p.error(f"--blas {a.blas} picks a CUDA library; device is {device} (use --blas default)")
+        torch.backends.cuda.preferred_blas_library(a.blas)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
-          f"{a.fold_norms}), pdl {a.pdl}, "
+          f"{a.fold_norms}), pdl {a.pdl}, blas {torch.backends.cuda.preferred_blas_library().name if device.type == 'cuda' else '-'}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:
