@@ -514,6 +514,24 @@ def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path):
         dl.TUNED.update(saved)
 
 
+@pytest.mark.skipif(triton is None, reason="triton is not installed: decode_linear has no tiles to choose")
+def test_the_h200_sweep_in_docs_loads_and_covers_every_cat150m_linear():
+    """docs/tuned/ keeps session 14's H200 sweep (what --linear-config takes): it must stay
+    readable and hold one entry per fused linear of cat-150m at batch 64."""
+    from cat_titan.infer import decode_linear as dl
+
+    saved = dict(dl.TUNED)
+    try:
+        dl.TUNED.clear()
+        assert dl.load_tuned_configs(ROOT / "docs" / "tuned" / "decode_linear_h200_cat150m_batch64.json") == 6
+        assert set(dl.TUNED) == {(64, 4608, 1536, False, True), (64, 4096, 1536, True, False),
+                                 (64, 1536, 4096, False, False), (64, 1536, 1536, False, False),
+                                 (64, 32000, 1536, False, False), (64, 4608, 1536, False, False)}
+    finally:
+        dl.TUNED.clear()
+        dl.TUNED.update(saved)
+
+
 @pytest.mark.parametrize("name", ["debug-cat", "debug-dense", "debug-hybrid"])
 def test_cpu_fused_runner_with_folded_norms_follows_the_weights(name):
     """fuse_linears(fold_norms=True) off CUDA: the reference path with the norm weights folded
