@@ -31,10 +31,11 @@ are opaque custom ops (``decode_linear_pdl`` ...) that launch the kernel themsel
 Inductor's own kernels have their own switch (``torch._inductor.config.triton.enable_pdl``;
 ``tools/bench_generate.py --pdl`` sets both).
 
-Status (docs/benchmarks.md, session 13): correct on an H100 (outputs bit-identical to PDL off,
-the CUDA generation tests pass), but slower: 12 fused decoder layers in one CUDA graph took
-78 us per layer without PDL, 95 with 'wait' and 101 with 'prefetch' (chunk 32, batch 64).
-Off by default; kept to measure on an H200 with tuned tiles.
+Status (docs/benchmarks.md, sessions 13 and 14): correct (outputs bit-identical to PDL off;
+the CUDA generation tests pass). 12 fused decoder layers in one CUDA graph (chunk 32, batch
+64), us per layer: on an H100, 78 off, 95 'wait', 101 'prefetch'; on an H200 with tuned tiles,
+64.9 off, 64.9 'wait', 67.4 'prefetch', 62.9 'late'. 'late' is the best mode, but the fused
+chain stays slower than the unfused ops (50.2), so PDL is off by default.
 """
 
 from __future__ import annotations
