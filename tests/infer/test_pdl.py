@@ -187,7 +187,7 @@ def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["wait", "prefetch"])
+@pytest.mark.parametrize("mode", ["wait", "prefetch", "late"])
 @pytest.mark.parametrize("graphs", [None, "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
 def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
@@ -200,6 +200,31 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:  # PDL on after the reference: it runs without any PDL launch
         check_fused_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["wait", "late"])
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-dense", None), ("debug-hybrid", None)])
+def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
+    """The default (unfused) step as ``bench_generate --pdl`` runs it: the decode attention
+    kernel with PDL launches and inductor's own kernels with its PDL switch, in CUDA graphs."""
+    import torch._inductor.config as inductor_config
+
+    from .test_generate_cuda import check_fused_generation
+
+    ok, why = pdl.supported()
+    if not ok:
+        pytest.skip(f"PDL not supported here: {why}")
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip(f"torch {torch.__version__}: inductor has no triton.enable_pdl")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with inductor_config.patch({"triton.enable_pdl": True}):
+            check_fused_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
