@@ -16,8 +16,8 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls: cuBLAS, cuBLASLt (--autotune: max-autotune)
     python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
                                                      # stream-K settings vs the unfused ops; FILE: each best
-    python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, PDL off / wait /
-                                                     # prefetch, vs the same layers unfused
+    python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, each PDL mode,
+                                                     # vs the same layers unfused
     python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 

@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                    help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode kernels "
                         "(decode attention, and decode_linear with --fused-linear) and inductor's own kernels "
                         "launch while the previous kernel runs; prefetch: decode_linear also prefetches its weight "
-                        "slice into L2 before it waits (experimental: slower on an H100, docs/benchmarks.md)")
+                        "slice into L2 before it waits; late: each kernel lets the next launch only after its main "
+                        "loop (experimental, off by default: docs/benchmarks.md, sessions 13-14)")
     p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
                    help="the library torch's matmuls (the unfused path's GEMMs) go through "
                         "(torch.backends.cuda.preferred_blas_library; default: torch's, cuBLAS unless "

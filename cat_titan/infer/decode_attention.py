@@ -139,9 +139,7 @@ if triton is not None:
         BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl_mode other than 'off': a
         programmatic dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch
         attributes)."""
-        if pdl.check_mode(pdl_mode, "decode attention") != "off" and not q.is_cuda:
-            raise ValueError(f"decode attention: a PDL launch needs a CUDA device of compute capability 9.0 or "
-                             f"later; q is on {q.device} (launch with pdl_mode='off')")
+        launch = pdl.launch_args(pdl_mode, q, "decode attention")
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -153,8 +151,7 @@ if triton is not None:
             HKV=Hkv, G=G, T=T, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(G * T)),
             # SCALE is a constexpr: a float argument arrives as fp64 through torch.compile and
             # would promote the softmax statistics to fp64
-            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, PDL=pdl.trigger(pdl_mode), **cfg,
-            **(dict(launch_pdl=True) if pdl_mode != "off" else {}))
+            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, **cfg, **launch)
         return out
 
     @torch.library.triton_op("cat_titan::decode_attention", mutates_args=())

@@ -495,13 +495,10 @@ if triton is not None:
         not through ``wrap``: inductor's launcher drops launch attributes); 'prefetch' also
         prefetches each program's weight slice into L2 before the wait, where the weight's rows
         are contiguous and 16-byte aligned (otherwise it is 'wait')."""
-        pdl.check_mode(pdl_mode, "decode_linear")
-        if pdl_mode != "off" and wrap is not None:
+        if pdl.check_mode(pdl_mode, "decode_linear") != "off" and wrap is not None:
             raise ValueError("decode_linear: a PDL launch cannot go through torch.compile's wrap_triton "
                              "(inductor launches user kernels without launch attributes); call it outside")
-        if pdl_mode != "off" and not x.is_cuda:
-            raise ValueError(f"decode_linear: a PDL launch (mode {pdl_mode!r}) needs a CUDA device of compute "
-                             f"capability 9.0 or later; x is on {x.device} (use pdl_mode='off')")
+        launch = pdl.launch_args(pdl_mode, x, "decode_linear")
         M, K = x.shape
         N = w.shape[0] // 2 if swiglu else w.shape[0]
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
@@ -543,9 +540,7 @@ if triton is not None:
             kernel, sizes, split_kw = _decode_linear_kernel, (k_split,), dict(SPLIT_K=split)
         # PDL and PREFETCH always passed: torch.compile's analysis of what the kernel writes
         # fails on a constexpr left to its default (and then clones every argument)
-        launch = dict(PDL=pdl.trigger(pdl_mode), PREFETCH=pdl_mode == "prefetch" and _bulk_prefetchable(w, BK))
-        if pdl_mode != "off":
-            launch["launch_pdl"] = True
+        launch["PREFETCH"] = pdl_mode == "prefetch" and _bulk_prefetchable(w, BK)
         (wrap or (lambda k: k))(kernel)[grid](
             x, w, g if g is not None else x, res, out, work, ss_work, locks, cos, sin, k_cache, v_cache, cols,
             M, N, K, *sizes,

@@ -102,6 +102,16 @@ def trigger(mode: str) -> int:
     return {"off": 0, "late": 2}.get(check_mode(mode, "pdl.trigger"), 1)
 
 
+def launch_args(mode: str, t: torch.Tensor, where: str) -> dict:
+    """A launcher's PDL settings for a kernel on t's device: the ``PDL`` constexpr
+    (``trigger``) and, with a mode on, Triton's ``launch_pdl`` attribute. Refuses an unknown
+    mode, and a PDL launch off CUDA, before any kernel runs."""
+    if check_mode(mode, where) != "off" and not t.is_cuda:
+        raise ValueError(f"{where}: a PDL launch (mode {mode!r}) needs a CUDA device of compute capability 9.0 or "
+                         f"later; the input is on {t.device} (launch with pdl_mode='off')")
+    return dict(PDL=trigger(mode), **({"launch_pdl": True} if mode != "off" else {}))
+
+
 def launch_mode(t: torch.Tensor) -> str:
     """The mode a kernel on t's device launches with: ``mode()`` where ``active(t)``, else 'off'."""
     return mode() if active(t) else "off"

@@ -109,13 +109,13 @@ def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk, mode):
 def test_cuda_fused_linears_equal_eager(name, chunk, mode):
     """Blocks and head as decode_linear kernels (fp32: IEEE dots), eager, compiled and in
     CUDA graphs: the unfused eager tokens, logits to 1e-4."""
-    check_fused_generation(name, chunk, mode)
+    check_runner_generation(name, chunk, mode)
 
 
-def check_fused_generation(name, chunk, mode, after_reference=None, fuse=True):
-    """test_cuda_fused_linears_equal_eager's check; after_reference() runs between the
-    reference generation and the fused one (test_pdl.py: turns PDL launches on); fuse=False
-    checks the runner's default (unfused) step the same way."""
+def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True):
+    """A runner's generation (fused linears; fuse=False: its default step) against eager
+    generation by the model: tokens equal, logits to 1e-4, twice (the second run replays the
+    graphs). after_reference() runs between the two (test_pdl.py: turns PDL launches on)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))

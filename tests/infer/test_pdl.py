@@ -171,17 +171,17 @@ def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
 
     x, locks = torch.zeros(6, 96), torch.zeros(1024, dtype=torch.int32)
     w = torch.zeros(2 * 80, 96)
-    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'prefetch'\).*x is on cpu"):
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'prefetch'\).*input is on cpu"):
         torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, True, False, "prefetch")
-    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'late'\).*x is on cpu"):
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'late'\).*input is on cpu"):
         torch.ops.cat_titan.decode_linear_pdl(x, w, None, None, locks, 1e-5, False, False, "late")
     wqkv = torch.zeros(2 * (3 + 2) * 16, 96)
     kc, vc = torch.zeros(3, 2, 9, 16), torch.zeros(3, 2, 9, 16)
-    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*x is on cpu"):
+    with pytest.raises(ValueError, match=r"decode_linear: a PDL launch \(mode 'wait'\).*input is on cpu"):
         torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, torch.ones(6, 16), torch.zeros(6, 16),
                                            torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, "wait")
     q = torch.zeros(3, 6, 2, 16).transpose(1, 2)
-    with pytest.raises(ValueError, match="decode attention: a PDL launch needs a CUDA device.*q is on cpu"):
+    with pytest.raises(ValueError, match=r"decode attention: a PDL launch \(mode 'wait'\) needs a CUDA device.*input is on cpu"):
         torch.ops.cat_titan.decode_attention_pdl(q, kc, vc, torch.ones(3, 2, dtype=torch.long), "wait")
 
 
@@ -191,7 +191,7 @@ def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
 @pytest.mark.parametrize("graphs", [None, "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
 def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
-    from .test_generate_cuda import check_fused_generation
+    from .test_generate_cuda import check_runner_generation
 
     ok, why = pdl.supported()
     if not ok:
@@ -199,7 +199,7 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:  # PDL on after the reference: it runs without any PDL launch
-        check_fused_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
+        check_runner_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -213,7 +213,7 @@ def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
     kernel with PDL launches and inductor's own kernels with its PDL switch, in CUDA graphs."""
     import torch._inductor.config as inductor_config
 
-    from .test_generate_cuda import check_fused_generation
+    from .test_generate_cuda import check_runner_generation
 
     ok, why = pdl.supported()
     if not ok:
@@ -224,7 +224,7 @@ def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with inductor_config.patch({"triton.enable_pdl": True}):
-            check_fused_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
+            check_runner_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
