@@ -467,8 +467,16 @@ def test_compiled_fused_step_runs_in_place(pdl):
         assert plain["kernels"] == 0 and plain["clones"] == plain["index_put_copying"] == 0, plain
 
 
+@pytest.fixture
+def fresh_tuned(monkeypatch):
+    """decode_linear.TUNED empty for the test and restored after it (tuned tiles are global)."""
+    from cat_titan.infer import decode_linear as dl
+
+    monkeypatch.setattr(dl, "TUNED", {})
+
+
 @pytest.mark.skipif(triton is None, reason="triton is not installed: decode_linear has no tiles to choose")
-def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path):
+def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path, fresh_tuned):
     """bench_attention --decode-linear --write-config picks each linear's fastest fused row;
     load_tuned_configs makes it the launch's setting for that exact shape (rows, N, K,
     SwiGLU, qkv), the heuristic stays elsewhere, an explicit config still wins, and a bad
@@ -494,42 +502,30 @@ def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path):
     assert [(e["linear"], e["us"], e["unfused_us"]) for e in entries] == [("w2 + residual", 6.5, 8.0), ("qkv", 7.5, 7.0)]
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"device": "test", "entries": entries}))
-    saved = dict(dl.TUNED)
-    try:
-        dl.TUNED.clear()
-        assert dl.load_tuned_configs(path) == 2
-        assert dl.resolve_config(64, 1536, 4096, False, 132) == cfg(BN=128, PROGRAMS=132)
-        assert dl.resolve_config(64, 4608, 1536, False, 132, hd=64) == cfg(BN=64, BK=64, PROGRAMS=264)
-        # other rows, or the same N/K as a plain linear rather than the qkv projection: the heuristic
-        assert dl.resolve_config(32, 1536, 4096, False, 132) == dl.linear_config(32, 1536, 4096, False, 132)
-        assert dl.resolve_config(64, 4608, 1536, False, 132) == dl.linear_config(64, 4608, 1536, False, 132)
-        assert dl.resolve_config(64, 1536, 4096, False, 132, config=dict(PROGRAMS=0))["PROGRAMS"] == 0
-        bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps({"entries": [{"M": 64, "N": 8}]}))
-        with pytest.raises(ValueError, match="bad.json.*--write-config"):
-            dl.load_tuned_configs(bad)
-        assert len(dl.TUNED) == 2
-    finally:
-        dl.TUNED.clear()
-        dl.TUNED.update(saved)
+    assert dl.load_tuned_configs(path) == 2
+    assert dl.resolve_config(64, 1536, 4096, False, 132) == cfg(BN=128, PROGRAMS=132)
+    assert dl.resolve_config(64, 4608, 1536, False, 132, hd=64) == cfg(BN=64, BK=64, PROGRAMS=264)
+    # other rows, or the same N/K as a plain linear rather than the qkv projection: the heuristic
+    assert dl.resolve_config(32, 1536, 4096, False, 132) == dl.linear_config(32, 1536, 4096, False, 132)
+    assert dl.resolve_config(64, 4608, 1536, False, 132) == dl.linear_config(64, 4608, 1536, False, 132)
+    assert dl.resolve_config(64, 1536, 4096, False, 132, config=dict(PROGRAMS=0))["PROGRAMS"] == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": [{"M": 64, "N": 8}]}))
+    with pytest.raises(ValueError, match="bad.json.*--write-config"):
+        dl.load_tuned_configs(bad)
+    assert len(dl.TUNED) == 2
 
 
 @pytest.mark.skipif(triton is None, reason="triton is not installed: decode_linear has no tiles to choose")
-def test_the_h200_sweep_in_docs_loads_and_covers_every_cat150m_linear():
+def test_the_h200_sweep_in_docs_loads_and_covers_every_cat150m_linear(fresh_tuned):
     """docs/tuned/ keeps session 14's H200 sweep (what --linear-config takes): it must stay
     readable and hold one entry per fused linear of cat-150m at batch 64."""
     from cat_titan.infer import decode_linear as dl
 
-    saved = dict(dl.TUNED)
-    try:
-        dl.TUNED.clear()
-        assert dl.load_tuned_configs(ROOT / "docs" / "tuned" / "decode_linear_h200_cat150m_batch64.json") == 6
-        assert set(dl.TUNED) == {(64, 4608, 1536, False, True), (64, 4096, 1536, True, False),
-                                 (64, 1536, 4096, False, False), (64, 1536, 1536, False, False),
-                                 (64, 32000, 1536, False, False), (64, 4608, 1536, False, False)}
-    finally:
-        dl.TUNED.clear()
-        dl.TUNED.update(saved)
+    assert dl.load_tuned_configs(ROOT / "docs" / "tuned" / "decode_linear_h200_cat150m_batch64.json") == 6
+    assert set(dl.TUNED) == {(64, 4608, 1536, False, True), (64, 4096, 1536, True, False),
+                             (64, 1536, 4096, False, False), (64, 1536, 1536, False, False),
+                             (64, 32000, 1536, False, False), (64, 4608, 1536, False, False)}
 
 
 @pytest.mark.parametrize("name", ["debug-cat", "debug-dense", "debug-hybrid"])
