@@ -74,6 +74,22 @@ def compressor_rows(B, K, S, H, hd, device) -> list[dict]:
         rows.append({"variant": f"compressor {label}", "N": N, "S": S, "ms_fwd_bwd": ms,
                      "max_err_out_dq_dk_dv": err})
         print(json.dumps(rows[-1]), flush=True)
+    # cat_titan's Triton kernels (models/chunk_attention.py): the compiled op as the model
+    # calls it, then the raw forward + backward launches at each warp count
+    from cat_titan.models import chunk_attention as ca
+
+    f = torch.compile(ca.chunk_attention, dynamic=False)
+    ms = timed(lambda: f(q, k, v).backward(g))
+    err = [float((a - b).abs().max()) for a, b in zip(out_and_grads(f, g, q, k, v), exact)]
+    rows.append({"variant": "compressor triton kernel (default launch)", "N": N, "S": S, "ms_fwd_bwd": ms,
+                 "launch": ca.launch_config(S, hd), "max_err_out_dq_dk_dv": err})
+    print(json.dumps(rows[-1]), flush=True)
+    for warps in (1, 2, 4, 8):
+        cfg = {"num_warps": warps}
+        ms = timed(lambda: ca.launch_bwd(ca._bwd_kernel, q, k, v, ca.launch_fwd(ca._fwd_kernel, q, k, v, cfg), cfg))
+        rows.append({"variant": f"compressor triton kernel, {warps} warps (raw launches)", "N": N, "S": S,
+                     "ms_fwd_bwd": ms})
+        print(json.dumps(rows[-1]), flush=True)
     # FlexAttention over each sequence's chunks side by side, (B, H, K*S, hd) views of the
     # (B, K*S, H, hd) projections, with a block-diagonal mask: the same function.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -616,6 +632,8 @@ def main() -> int:
     p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs; with --decode-gemms: its GEMM choice")
     p.add_argument("--compressor", action="store_true",
                    help="only time the compressor's attention forms at the chunk sizes the presets train with")
+    p.add_argument("--compressor-chunks", default="8:1,4:2,8:2,16:2,32:2", metavar="C:P,...",
+                   help="--compressor: chunk size : prefix positions, per row group (fixed CAT: prefix 1; adaptive: 2)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if a.write_config and not a.decode_linear:
@@ -629,7 +647,8 @@ def main() -> int:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
     if a.compressor:  # B*K chunks of prefix + C positions, compressor heads = decoder heads / 2
-        out = {"compressor": [r for C, pre in ((8, 1), (4, 2), (8, 2), (16, 2), (32, 2))
+        chunks = [tuple(int(x) for x in c.split(":")) for c in a.compressor_chunks.split(",")]
+        out = {"compressor": [r for C, pre in chunks
                               for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import chunk_attention
 from .base import IGNORE_INDEX
 
 AttnMask = Union[None, str, Tensor, "BlockMask"]  # noqa: F821  None: causal; "full": no mask; else flex/SDPA mask
@@ -164,6 +165,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, str):  # "full": bidirectional (the compressor)
+        if chunk_attention.kernel_supports(q, k):
+            return chunk_attention.chunk_attention(q, k, v)
         if q.shape[2] <= SHORT_SEQ:
             return short_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

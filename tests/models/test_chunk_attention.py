@@ -1,0 +1,130 @@
+"""chunk_attention: the compressor's Triton attention kernels against float64 autograd.
+
+On CPU the forward and backward kernels run in Triton's interpreter (TRITON_INTERPRET=1 must
+be set before the kernels are defined, hence a subprocess), float32 inputs with IEEE dots:
+output and gradients within 1e-5 of float64 SDPA and its autograd (both accumulate in at
+least fp32, in different orders). Inputs are strided like the model's (views of (N, S, H, hd)
+projections), with S from 1 to 64, GQA groups 1-3, head dims 16-128, and the padded row tile
+at its default and one size larger. On CUDA: the compiled op in bf16 against float32, and the
+compressor's attention through common.attend.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cat_titan.models import chunk_attention as ca
+from cat_titan.models.common import attend, short_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (N, Hq, Hkv, S, hd)
+SHAPES = [(2, 2, 2, 9, 64), (1, 3, 1, 5, 32), (2, 4, 2, 17, 16), (1, 2, 2, 1, 16), (1, 1, 1, 64, 32),
+          (1, 2, 1, 34, 128)]
+
+CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import torch.nn.functional as F
+    from cat_titan.models import chunk_attention as ca
+    torch.manual_seed(0)
+    errors = []
+    for N, Hq, Hkv, S, hd in json.loads(sys.argv[1]):
+        q, k, v, do = (torch.randn(N, S, H, hd).transpose(1, 2) for H in (Hq, Hkv, Hkv, Hq))  # strided
+        x = [t.double().requires_grad_() for t in (q, k, v)]
+        want = F.scaled_dot_product_attention(*x, enable_gqa=Hq != Hkv)
+        grads = torch.autograd.grad(want, x, do.double())
+        block = ca.launch_config(S, hd)["BLOCK_S"]
+        for cfg in (None, {"BLOCK_S": 2 * block}):
+            out = ca.launch_fwd(ca._fwd_kernel, q, k, v, cfg)
+            got = ca.launch_bwd(ca._bwd_kernel, q, k, v, do, cfg)
+            strided = [g.stride() == t.stride() for g, t in zip(got, (q, k, v))]
+            errors.append([float((out.double() - want).abs().max())]
+                          + [float((g.double() - w).abs().max()) for g, w in zip(got, grads)] + [all(strided)])
+    print(json.dumps(errors))
+""")
+
+
+def _interpretable() -> tuple[bool, str]:
+    if ca.triton is None:
+        return False, "triton is not installed: the kernels cannot be interpreted"
+    major, minor = (int(x) for x in ca.triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 9):
+        return False, f"triton {ca.triton.__version__}'s interpreter is not the one checked here (needs >= 3.9)"
+    return True, ""
+
+
+INTERPRETABLE, WHY_NOT = _interpretable()
+
+
+@pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
+def test_kernels_in_interpreter_equal_float64_autograd():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * len(SHAPES)
+    for shape, row in zip([s for s in SHAPES for _ in range(2)], rows):
+        *errs, strided = row
+        assert strided, f"{shape}: gradients lost their inputs' strides"
+        assert max(errs) < 1e-5, f"{shape}: max abs error of out, dq, dk, dv {errs}"
+
+
+def test_cpu_uses_the_matmul_form_and_the_kernel_refuses_cpu():
+    q, k, v = (torch.randn(4, 2, 9, 16) for _ in range(3))
+    assert not ca.kernel_supports(q, k)
+    torch.testing.assert_close(attend(q, k, v, "full"), short_attention(q, k, v), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"no kernel for q \(4, 2, 9, 16\).*on cpu.*needs CUDA"):
+        ca.chunk_attention(q, k, v)
+
+
+def test_launch_config_pads_rows_to_a_power_of_two_tile_with_warps_by_size():
+    assert [ca.launch_config(S, 64)["BLOCK_S"] for S in (1, 9, 16, 17, 34, 64)] == [16, 16, 16, 32, 64, 64]
+    # the measured best (H100): 1 warp for 16 x 64 tiles, 4 for 64 x 64
+    assert [ca.launch_config(S, 64)["num_warps"] for S in (9, 17, 34)] == [1, 2, 4]
+    assert [ca.launch_config(9, hd)["num_warps"] for hd in (16, 128)] == [1, 2]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or ca.triton is None,
+                          reason="needs a CUDA GPU and triton (the kernel runs on CUDA only)")
+
+
+def _inputs(N, Hq, Hkv, S, hd, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(N, S, H, hd, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+            for H in (Hq, Hkv, Hkv, Hq)]
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(2048, 12, 12, 9, 64), (64, 4, 2, 34, 64), (16, 2, 1, 3, 128)])
+def test_cuda_op_bf16_compiled_equals_float32(shape):
+    q, k, v, do = _inputs(*shape, torch.bfloat16)
+    x32 = [t.float().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*x32, enable_gqa=shape[1] != shape[2])
+    want_grads = torch.autograd.grad(want, x32, do.float())
+    f = torch.compile(ca.chunk_attention, fullgraph=True, dynamic=False)
+    for fn in (ca.chunk_attention, f):
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        grads = torch.autograd.grad(out, x, do)
+        # bf16 inputs, fp32 accumulation; P and dS rounded to bf16 before their matmuls
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g.float(), w, atol=3e-2, rtol=3e-2)
+
+
+@cuda
+def test_cuda_attend_full_uses_the_kernel_float32_exact():
+    q, k, v, _ = _inputs(128, 4, 4, 9, 64, torch.float32)
+    out = attend(q, k, v, "full")
+    torch.testing.assert_close(out, ca.chunk_attention(q, k, v), rtol=0, atol=0)
+    # IEEE fp32 dots: the same function as the matmul form to fp32 rounding
+    torch.testing.assert_close(out, short_attention(q.double(), k.double(), v.double()).float(),
+                               atol=1e-5, rtol=1e-5)
