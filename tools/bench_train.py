@@ -51,6 +51,7 @@ KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match win
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("liger kernels", ("_rms_norm", "_swiglu", "_rope", "cross_entropy", "liger", "element_mul")),
+    ("compressor attention (cat_titan triton)", ("chunk_attn",)),
     ("inductor fused (triton)", ("triton_",)),
     ("eager elementwise/reduce/copy", ("elementwise", "vectorized", "reduce", "copy", "fill", "index", "cat",
                                         "scatter", "gather", "memcpy", "memset")),

@@ -75,7 +75,7 @@ if triton is not None:
         return p / tl.sum(p, axis=1)[:, None]
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d, sv_n, sv_h, sv_s, sv_d,
+    def _chunk_attn_fwd_kernel(Q, K, V, O, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d, sv_n, sv_h, sv_s, sv_d,
                     so_n, so_h, so_s, so_d, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
                     HD: tl.constexpr, BLOCK_S: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
@@ -94,7 +94,7 @@ if triton is not None:
             tl.store(po, o.to(O.dtype.element_ty), mask=rows)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d,
+    def _chunk_attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d,
                     sv_n, sv_h, sv_s, sv_d, sdo_n, sdo_h, sdo_s, sdo_d, HKV: tl.constexpr, G: tl.constexpr,
                     S: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, SCALE: tl.constexpr,
                     IEEE: tl.constexpr):
@@ -136,7 +136,7 @@ if triton is not None:
                                 IEEE=q.dtype == torch.float32, **cfg)
 
     def launch_fwd(kernel, q: Tensor, k: Tensor, v: Tensor, config: dict | None = None) -> Tensor:
-        """Run the forward ``kernel`` (``_fwd_kernel`` or it wrapped for torch.compile); config
+        """Run the forward ``kernel`` (``_chunk_attn_fwd_kernel`` or it wrapped for torch.compile); config
         overrides launch_config (BLOCK_S, num_warps)."""
         N, Hq, S, hd = q.shape
         grid, consts = _consts(q, k, config)
@@ -155,11 +155,11 @@ if triton is not None:
 
     @torch.library.triton_op("cat_titan::chunk_attention", mutates_args=())
     def _chunk_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return launch_fwd(torch.library.wrap_triton(_fwd_kernel), q, k, v)
+        return launch_fwd(torch.library.wrap_triton(_chunk_attn_fwd_kernel), q, k, v)
 
     @torch.library.triton_op("cat_titan::chunk_attention_backward", mutates_args=())
     def _chunk_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return launch_bwd(torch.library.wrap_triton(_bwd_kernel), q, k, v, do)
+        return launch_bwd(torch.library.wrap_triton(_chunk_attn_bwd_kernel), q, k, v, do)
 
     def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)

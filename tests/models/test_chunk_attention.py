@@ -42,8 +42,8 @@ CHECK = textwrap.dedent("""
         grads = torch.autograd.grad(want, x, do.double())
         block = ca.launch_config(S, hd)["BLOCK_S"]
         for cfg in (None, {"BLOCK_S": 2 * block}):
-            out = ca.launch_fwd(ca._fwd_kernel, q, k, v, cfg)
-            got = ca.launch_bwd(ca._bwd_kernel, q, k, v, do, cfg)
+            out = ca.launch_fwd(ca._chunk_attn_fwd_kernel, q, k, v, cfg)
+            got = ca.launch_bwd(ca._chunk_attn_bwd_kernel, q, k, v, do, cfg)
             strided = [g.stride() == t.stride() for g, t in zip(got, (q, k, v))]
             errors.append([float((out.double() - want).abs().max())]
                           + [float((g.double() - w).abs().max()) for g, w in zip(got, grads)] + [all(strided)])
