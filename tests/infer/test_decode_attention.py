@@ -9,18 +9,16 @@ CUDA-graph call against the eager one.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from cat_titan.infer.decode_attention import decode_attention, reference_decode_attention, triton
+from cat_titan.infer.decode_attention import decode_attention, reference_decode_attention
 
-ROOT = Path(__file__).resolve().parents[2]
+from .. import interpreter
+from ..interpreter import INTERPRETABLE, WHY_NOT
+
 
 # (B, Hq, Hkv, T, N, hd): GQA groups 1/2/4, one or two queries, blocks of 64 crossed or not
 SHAPES = [(3, 4, 2, 2, 70, 16), (2, 6, 6, 1, 130, 32), (2, 8, 2, 1, 5, 64), (4, 4, 1, 2, 64, 64),
@@ -47,28 +45,9 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def _interpretable() -> tuple[bool, str]:
-    if triton is None:
-        return False, "triton is not installed: the kernel cannot be interpreted"
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    # Triton 3.6's interpreter (the GPU machine's) fails on the loop over the visible columns
-    # (TypeError: only 0-dimensional arrays can be converted to Python scalars); the compiled
-    # kernel there is checked by the CUDA test below. 3.9 (CI's CPU install) runs it.
-    if (major, minor) < (3, 9):
-        return False, f"triton {triton.__version__}'s interpreter cannot run the kernel (needs >= 3.9)"
-    return True, ""
-
-
-INTERPRETABLE, WHY_NOT = _interpretable()
-
-
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_masked_sdpa():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errors = json.loads(res.stdout.strip().splitlines()[-1])
+    errors = interpreter.run(CHECK, json.dumps(SHAPES), timeout=300)
     assert len(errors) == 3 * len(SHAPES)
     assert max(errors) <= 1e-5, errors  # NaN (a read past the visible columns) fails too
 

@@ -32,6 +32,8 @@ import torch
 from cat_titan.infer import generate, make_runner, stream
 from cat_titan.infer.decode_linear import triton
 
+from .. import interpreter
+from ..interpreter import INTERPRETABLE, WHY_NOT
 from .util import debug_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,42 +148,13 @@ GENERATION_CHECK = textwrap.dedent("""
 """)
 
 
-def _interpretable() -> tuple[bool, str]:
-    if triton is None:
-        return False, "triton is not installed: the kernel cannot be interpreted"
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 9):  # as test_decode_attention.py: 3.6's interpreter fails on runtime loop bounds
-        return False, f"triton {triton.__version__}'s interpreter is not supported here (needs >= 3.9)"
-    return True, ""
-
-
-INTERPRETABLE, WHY_NOT = _interpretable()
-
-
-def _start(code: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
-def _result(proc: subprocess.Popen) -> list:
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"the interpreted check did not finish in 900 s: {err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def interpreted():
     """The three interpreted checks (single-threaded Python, 30-60 s each) started together on
     first use, so they share the machine's cores instead of running one after another; each
     test waits for its own."""
-    procs = {"kernel": _start(KERNEL_CHECK), "default": _start(GENERATION_CHECK, "default"),
-             "split": _start(GENERATION_CHECK, "split")}
+    procs = {"kernel": interpreter.start(KERNEL_CHECK), "default": interpreter.start(GENERATION_CHECK, "default"),
+             "split": interpreter.start(GENERATION_CHECK, "split")}
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -191,7 +164,7 @@ def interpreted():
 
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernel_in_interpreter_equals_reference(interpreted):
-    rows = _result(interpreted["kernel"])
+    rows = interpreter.result(interpreted["kernel"])
     assert len(rows) == 3 * 8 * 6 + 3 * 4 * 4 + 32  # + the folded-norm rows
     for r in rows:
         if "qkv" in r:  # q (M, Hq*hd) and the cache contents (written columns and untouched ones)
@@ -206,7 +179,7 @@ def test_kernel_in_interpreter_equals_reference(interpreted):
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 @pytest.mark.parametrize("tiles", ["default", "split"])
 def test_generation_with_interpreted_kernels_equals_full_forward(interpreted, tiles):
-    results = _result(interpreted[tiles])
+    results = interpreter.result(interpreted[tiles])
     by_name = {r["name"]: r for r in results}
     assert len(results) == (4 if tiles == "default" else 2)
     if "debug-hybrid" in by_name:  # CAT layers of the hybrid keep the model's ops; every other block is fused

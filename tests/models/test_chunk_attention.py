@@ -10,11 +10,7 @@ compressor's attention through common.attend.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +18,8 @@ import torch.nn.functional as F
 
 from cat_titan.models import chunk_attention as ca
 from cat_titan.models.common import attend, short_attention
-
-ROOT = Path(__file__).resolve().parents[2]
+from .. import interpreter
+from ..interpreter import INTERPRETABLE, WHY_NOT
 
 # (N, Hq, Hkv, S, hd)
 SHAPES = [(2, 2, 2, 9, 64), (1, 3, 1, 5, 32), (2, 4, 2, 17, 16), (1, 2, 2, 1, 16), (1, 1, 1, 64, 32),
@@ -51,25 +47,9 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def _interpretable() -> tuple[bool, str]:
-    if ca.triton is None:
-        return False, "triton is not installed: the kernels cannot be interpreted"
-    major, minor = (int(x) for x in ca.triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 9):
-        return False, f"triton {ca.triton.__version__}'s interpreter is not the one checked here (needs >= 3.9)"
-    return True, ""
-
-
-INTERPRETABLE, WHY_NOT = _interpretable()
-
-
 @pytest.mark.skipif(not INTERPRETABLE, reason=WHY_NOT)
 def test_kernels_in_interpreter_equal_float64_autograd():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", CHECK, json.dumps(SHAPES)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = interpreter.run(CHECK, json.dumps(SHAPES), timeout=600)
     assert len(rows) == 2 * len(SHAPES)
     for shape, row in zip([s for s in SHAPES for _ in range(2)], rows):
         *errs, strided = row
