@@ -48,6 +48,17 @@ def timed(fn, iters: int = 20, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
+def chunk_pairs(text: str) -> list[tuple[int, int]]:
+    """'8:1,32:2' -> [(8, 1), (32, 2)]: chunk size and prefix positions, both positive."""
+    try:
+        pairs = [(int(c), int(pre)) for c, pre in (g.split(":") for g in text.split(","))]
+    except ValueError:
+        pairs = []
+    if not pairs or min(min(pair) for pair in pairs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want positive chunk:prefix pairs, e.g. 8:1,32:2")
+    return pairs
+
+
 def compressor_rows(B, K, S, H, hd, device) -> list[dict]:
     """The compressor's attention: N = B*K chunks of S = prefix + C positions, bidirectional,
     forward + backward, compiled: SDPA, the model's form (two batched matmuls + softmax) and
@@ -86,6 +97,7 @@ def compressor_rows(B, K, S, H, hd, device) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     for warps in (1, 2, 4, 8):
         cfg = {"num_warps": warps}
+
         def raw(cfg=cfg):  # the forward's output stands in for dO
             out = ca.launch_fwd(ca._chunk_attn_fwd_kernel, q, k, v, cfg)
             return ca.launch_bwd(ca._chunk_attn_bwd_kernel, q, k, v, out, cfg)
@@ -636,7 +648,7 @@ def main() -> int:
     p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs; with --decode-gemms: its GEMM choice")
     p.add_argument("--compressor", action="store_true",
                    help="only time the compressor's attention forms at the chunk sizes the presets train with")
-    p.add_argument("--compressor-chunks", default="8:1,4:2,8:2,16:2,32:2", metavar="C:P,...",
+    p.add_argument("--compressor-chunks", type=chunk_pairs, default="8:1,4:2,8:2,16:2,32:2", metavar="C:P,...",
                    help="--compressor: chunk size : prefix positions, per row group (fixed CAT: prefix 1; adaptive: 2)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -651,8 +663,7 @@ def main() -> int:
             a.json.write_text(json.dumps(out, indent=1))
         return 0
     if a.compressor:  # B*K chunks of prefix + C positions, compressor heads = decoder heads / 2
-        chunks = [tuple(int(x) for x in c.split(":")) for c in a.compressor_chunks.split(",")]
-        out = {"compressor": [r for C, pre in chunks
+        out = {"compressor": [r for C, pre in a.compressor_chunks
                               for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))

@@ -150,9 +150,11 @@ SHORT_SEQ = 64
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Unmasked attention over short sequences (the compressor's chunks: prefix + C
-    positions) as two batched matmuls and a float32 softmax. Flash kernels pad every
-    sequence to their 64-128 wide tiles: for B*K chunks of 9 positions this form was 1.3x
-    faster, forward + backward, on an H200 (tools/bench_attention.py)."""
+    positions) as two batched matmuls and a float32 softmax: the path off CUDA and for
+    shapes chunk_attention's kernel does not take. Flash kernels pad every sequence to their
+    64-128 wide tiles: for B*K chunks of 9 positions this form was 1.3x faster than SDPA,
+    forward + backward, on an H200; the kernel is 7.8x faster again on an H100
+    (tools/bench_attention.py --compressor)."""
     if k.shape[1] != q.shape[1]:  # grouped-query: each KV head serves q/kv query heads
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, S, S)

@@ -136,3 +136,15 @@ def test_cuda_compiled_compressor_block_runs_the_kernels_and_equals_eager():
     assert "_chunk_attn_fwd_kernel" in code and "_chunk_attn_bwd_kernel" in code
     for g, w in zip(got, want):  # same kernels; inductor fuses the ops around them differently
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+
+
+def test_bench_attention_refuses_bad_compressor_chunks_before_any_work():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "bench_attention.py"
+    for bad in ("8", "8:0", "a:1"):
+        r = subprocess.run([sys.executable, str(tool), "--compressor", "--compressor-chunks", bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"--compressor-chunks: '{bad}': want positive chunk:prefix pairs" in r.stderr
