@@ -75,9 +75,9 @@ if triton is not None:
         return p / tl.sum(p, axis=1)[:, None]
 
     @triton.jit
-    def _chunk_attn_fwd_kernel(Q, K, V, O, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d, sv_n, sv_h, sv_s, sv_d,
-                    so_n, so_h, so_s, so_d, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
-                    HD: tl.constexpr, BLOCK_S: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr):
+    def _chunk_attn_fwd_kernel(Q, K, V, O, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d, sv_n, sv_h, sv_s,
+                               sv_d, so_n, so_h, so_s, so_d, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+                               HD: tl.constexpr, BLOCK_S: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // HKV).to(tl.int64)  # N * S * H * hd may pass 2^31
         kvh = pid % HKV
@@ -95,10 +95,10 @@ if triton is not None:
 
     @triton.jit
     def _chunk_attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, sq_n, sq_h, sq_s, sq_d, sk_n, sk_h, sk_s, sk_d,
-                    sv_n, sv_h, sv_s, sv_d, sdo_n, sdo_h, sdo_s, sdo_d, HKV: tl.constexpr, G: tl.constexpr,
-                    S: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, SCALE: tl.constexpr,
-                    IEEE: tl.constexpr):
-        # dQ/dK/dV are allocated with the strides of Q/K/V (launch_bwd)
+                               sv_n, sv_h, sv_s, sv_d, sdo_n, sdo_h, sdo_s, sdo_d, sdq_n, sdq_h, sdq_s, sdq_d,
+                               sdk_n, sdk_h, sdk_s, sdk_d, sdv_n, sdv_h, sdv_s, sdv_d, HKV: tl.constexpr,
+                               G: tl.constexpr, S: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
+                               SCALE: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // HKV).to(tl.int64)
         kvh = pid % HKV
@@ -118,11 +118,11 @@ if triton is not None:
             dv += _mm(tl.trans(p), do, IEEE)
             dp = _mm(do, tl.trans(v), IEEE)  # (BLOCK_S, BLOCK_S)
             ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * SCALE
-            pdq, _ = _tile(DQ, n, h, sq_n, sq_h, sq_s, sq_d, S, HD, BLOCK_S)
+            pdq, _ = _tile(DQ, n, h, sdq_n, sdq_h, sdq_s, sdq_d, S, HD, BLOCK_S)
             tl.store(pdq, _mm(ds, k, IEEE).to(DQ.dtype.element_ty), mask=rows)
             dk += _mm(tl.trans(ds), q, IEEE)
-        pdk, _ = _tile(DK, n, kvh, sk_n, sk_h, sk_s, sk_d, S, HD, BLOCK_S)
-        pdv, _ = _tile(DV, n, kvh, sv_n, sv_h, sv_s, sv_d, S, HD, BLOCK_S)
+        pdk, _ = _tile(DK, n, kvh, sdk_n, sdk_h, sdk_s, sdk_d, S, HD, BLOCK_S)
+        pdv, _ = _tile(DV, n, kvh, sdv_n, sdv_h, sdv_s, sdv_d, S, HD, BLOCK_S)
         tl.store(pdk, dk.to(DK.dtype.element_ty), mask=rows)
         tl.store(pdv, dv.to(DV.dtype.element_ty), mask=rows)
 
@@ -147,10 +147,12 @@ if triton is not None:
 
     def launch_bwd(kernel, q: Tensor, k: Tensor, v: Tensor, do: Tensor,
                    config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of q, k, v (each with its input's strides) for output gradient ``do``."""
+        """Gradients of q, k, v for output gradient ``do``, each dense in its input's stride
+        order (k and v are often gapped views of the qkv projection; their gradients need not be)."""
         grid, consts = _consts(q, k, config)
-        dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
-        kernel[grid](q, k, v, do, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), **consts)
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        kernel[grid](q, k, v, do, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                     *dk.stride(), *dv.stride(), **consts)
         return dq, dk, dv
 
     @torch.library.triton_op("cat_titan::chunk_attention", mutates_args=())
