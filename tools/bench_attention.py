@@ -645,7 +645,8 @@ def main() -> int:
                         "decode_linear.load_tuned_configs / bench_generate --linear-config")
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
-    p.add_argument("--autotune", action="store_true", help="with --flex: also inductor's max-autotune flex configs; with --decode-gemms: its GEMM choice")
+    p.add_argument("--autotune", action="store_true",
+                   help="with --flex: also inductor's max-autotune flex configs; with --decode-gemms: its GEMM choice")
     p.add_argument("--compressor", action="store_true",
                    help="only time the compressor's attention forms at the chunk sizes the presets train with")
     p.add_argument("--compressor-chunks", type=chunk_pairs, default="8:1,4:2,8:2,16:2,32:2", metavar="C:P,...",

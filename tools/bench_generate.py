@@ -191,9 +191,10 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
-          f"{a.fold_norms}), pdl {a.pdl}, blas {torch.backends.cuda.preferred_blas_library().name if device.type == 'cuda' else '-'}, "
+          f"{a.fold_norms}), pdl {a.pdl}, blas {blas}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -8,7 +8,8 @@ from cat_titan.infer import generate, make_runner, stream
 
 from .util import greedy_by_full_forward, perturbed
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("exact_matmuls")]
 
 CASES = [("debug-dense", None), ("debug-cat", None), ("debug-cat-adaptive", 1), ("debug-cat-adaptive", 4),
          ("debug-cat-layer", None), ("debug-hybrid", None)]
@@ -31,14 +32,6 @@ def _cuda(name, backend="flex"):
 def _prompts(lens=PROMPT_LENS, seed=5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 257, (n,), generator=g).tolist() for n in lens]
-
-
-@pytest.fixture(autouse=True)
-def exact_matmuls():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.parametrize("name,chunk", CASES)

@@ -181,12 +181,14 @@ def test_pdl_ops_reach_their_launchers_and_refuse_a_cpu_tensor_by_name():
         torch.ops.cat_titan.decode_qkv_pdl(x, wqkv, None, locks, kc, vc, torch.ones(6, 16), torch.zeros(6, 16),
                                            torch.zeros(6, dtype=torch.long), 1e-5, 2, 3, False, "wait")
     q = torch.zeros(3, 6, 2, 16).transpose(1, 2)
-    with pytest.raises(ValueError, match=r"decode attention: a PDL launch \(mode 'wait'\) needs a CUDA device.*input is on cpu"):
+    with pytest.raises(ValueError,
+                       match=r"decode attention: a PDL launch \(mode 'wait'\) needs a CUDA device.*input is on cpu"):
         torch.ops.cat_titan.decode_attention_pdl(q, kc, vc, torch.ones(3, 2, dtype=torch.long), "wait")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("exact_matmuls")
 @pytest.mark.parametrize("mode", ["wait", "prefetch", "late"])
 @pytest.mark.parametrize("graphs", [None, "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
@@ -196,16 +198,13 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
     ok, why = pdl.supported()
     if not ok:
         pytest.skip(f"PDL not supported here: {why}")
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:  # PDL on after the reference: it runs without any PDL launch
-        check_runner_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    # PDL on after the reference: it runs without any PDL launch
+    check_runner_generation(name, chunk, graphs, after_reference=lambda: pdl.set_mode(mode))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("exact_matmuls")
 @pytest.mark.parametrize("mode", ["wait", "late"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-dense", None), ("debug-hybrid", None)])
 def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
@@ -220,13 +219,8 @@ def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
         pytest.skip(f"PDL not supported here: {why}")
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip(f"torch {torch.__version__}: inductor has no triton.enable_pdl")
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with inductor_config.patch({"triton.enable_pdl": True}):
-            check_runner_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        check_runner_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
 
 
 def test_device_support_is_a_constant_in_a_compiled_step(monkeypatch):
