@@ -254,3 +254,65 @@ def test_static_step_shapes():
         after = {n: (b.data_ptr(), tuple(b.shape)) for n, b in gen.runner.named_buffers()}
         assert before == after and len(before) >= 2 * model.args.n_layers
         assert math.isfinite(float(sum(b.float().abs().sum() for b in gen.runner.buffers())))
+
+
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-cat-layer", None),
+                                        ("debug-hybrid", None), ("debug-dense", None)])
+def test_micro_batches_equal_the_whole_batch(name, chunk):
+    """split_batch: each step as micro-batches of rows, each over views of the runner's
+    caches (2 and 3 parts of 5 rows: uneven sizes), rows completing chunks at different
+    steps. Tokens equal the whole batch's; logits to 5e-5 (float32, logits of order 1-4;
+    only the matmuls' row counts differ). Copies instead of views would lose every cache
+    write."""
+    model = debug_model(name)
+    prompts = _prompts()
+    want = list(stream(model, prompts, N_NEW, chunk_size=chunk))
+    C = chunk or (0 if name == "debug-dense" else model.args.chunk_size)
+    for parts in (2, 3):
+        runner = make_runner(model, len(prompts), max(PROMPT_LENS) + N_NEW, C)
+        runner.split_batch(parts)
+        got = list(stream(model, prompts, N_NEW, chunk_size=chunk, runner=runner))
+        assert [s.tokens.tolist() for s in got] == [s.tokens.tolist() for s in want], parts
+        assert max((a.logits - b.logits).abs().max().item() for a, b in zip(got, want)) <= 5e-5, parts
+
+
+def test_compiled_micro_batches_share_graphs():
+    """Compiled (CPU, no CUDA graphs): the micro-batches' row views run the graphs one
+    compiled step variant makes, with no recompiles on reuse, and give the eager tokens."""
+    from cat_titan.parallel.parallelize import compiled_graphs
+
+    model = debug_model("debug-cat")
+    prompts = _prompts((5, 11, 16, 3), seed=14)
+    want = generate(model, prompts, 20)
+    runner = make_runner(model, 4, 16 + 20, model.args.chunk_size)
+    runner.split_batch(2)
+    runner.compile_step()
+    assert generate(model, prompts, 20, runner=runner) == want
+    before = compiled_graphs()
+    again = _prompts((9, 2, 14, 7), seed=15)
+    assert generate(model, again, 20, runner=runner) == generate(model, again, 20)
+    assert compiled_graphs() == before
+
+
+def test_bad_micro_batches_are_named():
+    cat = debug_model("debug-cat")
+    runner = make_runner(cat, 4, 16, cat.args.chunk_size)
+    for bad in (0, 5, 2.0):
+        with pytest.raises(ValueError, match=rf"split_batch\({bad!r}\).*from 1 to the batch \(4\)"):
+            runner.split_batch(bad)
+    runner.fuse_linears()
+    with pytest.raises(ValueError, match="fused linears.*without fuse_linears"):
+        runner.split_batch(2)
+    runner = make_runner(cat, 4, 16, cat.args.chunk_size)
+    runner.split_batch(2)
+    with pytest.raises(ValueError, match="micro_batches=2.*split_batch\\(1\\)"):
+        runner.fuse_linears()
+    with pytest.raises(ValueError, match="cudagraph trees.*mode='graphs'"):
+        runner.compile_step(mode="reduce-overhead")
+    from cat_titan.infer.bench import SpeedConfig
+
+    for kw, msg in [(dict(micro_batches=0), "micro_batches=0"), (dict(batch=2, micro_batches=3), "exceeds batch=2"),
+                    (dict(compile=True, cuda_graphs=True, micro_batches=2), "graph_mode='runner'"),
+                    (dict(fused_linear=True, micro_batches=2), "fused_linear")]:
+        with pytest.raises(ValueError, match=msg):
+            SpeedConfig(**kw).validate()
