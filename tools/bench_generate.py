@@ -70,8 +70,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
-                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, fold_norms=a.fold_norms,
-                      micro_batches=a.micro_batches)
+                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, fold_norms=a.fold_norms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -138,9 +137,6 @@ def main(argv=None) -> int:
                    help="the library torch's matmuls (the unfused path's GEMMs) go through "
                         "(torch.backends.cuda.preferred_blas_library; default: torch's, cuBLAS unless "
                         "TORCH_BLAS_PREFER_CUBLASLT=1)")
-    p.add_argument("--micro-batches", type=int, default=1, metavar="N",
-                   help="each decode step as N micro-batches of rows; with --graph-mode runner they are concurrent "
-                        "branches of one CUDA graph, on N streams (cat_titan.infer.runners.Runner.split_batch)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     p.add_argument("--attend-bucket", type=int, default=None, metavar="N",
                    help="dense layers attend over the filled cache prefix rounded up to N columns (one graph "
@@ -151,14 +147,8 @@ def main(argv=None) -> int:
                    help="write a torch.profiler trace, a top-kernels table and the compiled graph per configuration")
     p.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled per configuration (32)")
     a = p.parse_args(argv)
-    if min(a.batch, a.prompt_len, a.gen_len, a.repeat, a.profile_steps, a.micro_batches) < 1:
-        p.error("--batch, --prompt-len, --gen-len, --repeat, --profile-steps and --micro-batches must be >= 1")
-    if a.micro_batches > 1:
-        try:
-            SpeedConfig(batch=a.batch, compile=a.compile, cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode,
-                        fused_linear=a.fused_linear, micro_batches=a.micro_batches).validate()
-        except ValueError as e:
-            p.error(f"--micro-batches {a.micro_batches}: {e}")
+    if a.batch < 1 or a.prompt_len < 1 or a.gen_len < 1 or a.repeat < 1 or a.profile_steps < 1:
+        p.error("--batch, --prompt-len, --gen-len, --repeat and --profile-steps must be >= 1")
     if a.cuda_graphs and not a.compile:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
@@ -204,7 +194,7 @@ def main(argv=None) -> int:
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
-          f"{a.fold_norms}), pdl {a.pdl}, blas {blas}, micro-batches {a.micro_batches}, "
+          f"{a.fold_norms}), pdl {a.pdl}, blas {blas}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

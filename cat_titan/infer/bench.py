@@ -61,17 +61,13 @@ class SpeedConfig:
     """Timed runs; the fastest counts."""
     seed: int = 0
     """Seed of the random prompts."""
-    micro_batches: int = 1
-    """Each decode step as this many micro-batches of rows (``Runner.split_batch``): with
-    graph_mode='runner', concurrent branches of one CUDA graph."""
     attend_bucket: Optional[int] = None
     """Dense layers attend over the filled cache prefix rounded up to this many columns
     (one compiled graph per bucket; see runners.StackRunner); None: the whole cache."""
 
     def validate(self) -> None:
         bad = [f"{k}={v}" for k, v in (("batch", self.batch), ("prompt_len", self.prompt_len),
-                                         ("gen_len", self.gen_len), ("repeat", self.repeat),
-                                         ("micro_batches", self.micro_batches)) if v < 1]
+                                         ("gen_len", self.gen_len), ("repeat", self.repeat)) if v < 1]
         if bad:
             raise ValueError(f"generation benchmark settings must be >= 1: {', '.join(bad)}")
         if self.cuda_graphs and not self.compile:
@@ -81,14 +77,6 @@ class SpeedConfig:
         if self.graph_mode not in ("trees", "runner"):
             raise ValueError(f"graph_mode={self.graph_mode!r}: choose 'trees' (torch.compile's CUDA graphs) or "
                              f"'runner' (captured by the runner)")
-        if self.micro_batches > self.batch:
-            raise ValueError(f"micro_batches={self.micro_batches} exceeds batch={self.batch}")
-        if self.micro_batches > 1 and self.cuda_graphs and self.graph_mode == "trees":
-            raise ValueError(f"micro_batches={self.micro_batches} runs as concurrent branches of the runner's own "
-                             f"CUDA graphs; use graph_mode='runner' (torch.compile's trees take one stream)")
-        if self.micro_batches > 1 and self.fused_linear:
-            raise ValueError(f"micro_batches={self.micro_batches} with fused_linear: the fused kernels' split-K "
-                             f"counters are shared by all rows; pick one of the two")
 
 
 def sync(device: torch.device) -> None:
@@ -121,7 +109,6 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
                          attend_bucket=cfg.attend_bucket)
     if cfg.fused_linear:
         runner.fuse_linears(fold_norms=cfg.fold_norms)
-    runner.split_batch(cfg.micro_batches)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
         runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune)
@@ -174,8 +161,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                 graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
-                fused_linear=cfg.fused_linear, fold_norms=cfg.fold_norms, micro_batches=cfg.micro_batches,
-                seconds=sec,
+                fused_linear=cfg.fused_linear, fold_norms=cfg.fold_norms, seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

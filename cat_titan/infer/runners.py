@@ -45,7 +45,6 @@ cache-sized temporaries.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
 import torch
@@ -242,20 +241,6 @@ def _rows(index: Tensor) -> Tensor:
     return torch.arange(index.shape[0], device=index.device)[:, None]
 
 
-# Buffers shared by every row (not sliced by _rows_of): a resized compressor projection,
-# the fused kernels' split-K counters.
-_SHARED_BUFFERS = ("proj", "locks")
-
-
-def _rows_of(module: nn.Module, rows: slice) -> nn.Module:
-    """A shallow copy of module whose per-row buffers (leading dim = batch), its submodules'
-    included, are views ``buf[rows]``; everything else is shared with module."""
-    view = copy.copy(module)
-    view._buffers = {n: b if b is None or n in _SHARED_BUFFERS else b[rows] for n, b in module._buffers.items()}
-    view._modules = {n: _rows_of(m, rows) for n, m in module._modules.items()}
-    return view
-
-
 def _rope_at(table, ids: Tensor) -> tuple[Tensor, Tensor]:
     """RoPE tables at per-row ids (B, T) -> (B, 1, T, n) each (broadcast over heads)."""
     return table.cos[ids][:, None], table.sin[ids][:, None]
@@ -295,10 +280,6 @@ class Runner(nn.Module):
         self._folded_gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
         self._folded_head: Optional[Tensor] = None
         self._fold_sources: Optional[tuple] = None  # (data_ptr, _version) of every folded source
-        # split_batch: each decode step as this many micro-batches of consecutive rows; with
-        # mode="graphs" each is a branch of the captured graph on its own stream.
-        self.micro_batches = 1
-        self._streams: list = []
 
     def fuse_weights(self) -> None:
         """Run each feed-forward's w1 and w3 as one GEMM in the decode step (``fuse_gate_up``;
@@ -371,10 +352,6 @@ class Runner(nn.Module):
         fold_norms: the three normed linears use copies of their weights with the norm's
         weight folded in (``fold_norm_weight``: extra memory of wqkv, w1|w3 and the head), so
         the kernels apply only the norm's row scale (experimental; session 12)."""
-        if self.micro_batches > 1:
-            raise ValueError(f"fuse_linears with micro_batches={self.micro_batches}: the fused kernels' split-K "
-                             f"counters are shared by every row, so concurrent micro-batches would race on them; "
-                             f"call split_batch(1) first")
         self.fuse_weights()
         if "locks" not in self._buffers:
             p = next(self.model.parameters())
@@ -416,66 +393,10 @@ class Runner(nn.Module):
         raise NotImplementedError
 
     def _decode(self, *args):
-        """Every tensor in args is per row (leading dim = batch); the step returns (B, V)."""
         fn = self._compiled.get("decode", type(self)._decode_impl)
-        out = self._replay(fn, args) if self._graphs is not None else self._run(fn, args)
+        out = self._replay(fn, args) if self._graphs is not None else fn(self, *args)
         # A CUDA graph's output buffer is overwritten by its next replay; callers keep logits.
         return out.clone() if self._cuda_graphs else out
-
-    def split_batch(self, parts: int) -> None:
-        """Run each decode step as ``parts`` micro-batches of consecutive rows (sizes differ
-        by at most one), each a view of this runner's caches (``_row_view``).
-
-        With the runner's own CUDA graphs (``compile_step(mode="graphs")``) every micro-batch
-        is a branch of the captured graph on its own stream, so their kernels overlap. At
-        batch 64 a CAT decode step is ~140 kernels that each take 4-7 us whatever their size
-        (latency, not bandwidth: docs/benchmarks.md, session 4); two half-batch chains keep
-        the SMs busy that one chain leaves idle between and inside its kernels, at the price
-        of reading each weight once per micro-batch. Without those graphs the micro-batches
-        run one after another: the same results, nothing gained (tests use it on CPU).
-        Not with torch.compile's cudagraph trees (mode="reduce-overhead") or fused linears."""
-        if not isinstance(parts, int) or not 1 <= parts <= self.batch:
-            raise ValueError(f"split_batch({parts!r}): the number of micro-batches must be an integer from 1 to "
-                             f"the batch ({self.batch})")
-        if parts > 1 and (any(self._fused) or self.fused_head):
-            raise ValueError(f"split_batch({parts}) on a runner with fused linears: their split-K counters are "
-                             f"shared by every row, so concurrent micro-batches would race on them; build the "
-                             f"runner without fuse_linears")
-        if parts > 1 and self._cuda_graphs and self._graphs is None:
-            raise ValueError(f"split_batch({parts}) with torch.compile's cudagraph trees (mode='reduce-overhead'), "
-                             f"which do not capture several streams; use compile_step(mode='graphs')")
-        self.micro_batches = parts
-        if self._graphs:
-            self._graphs.clear()
-
-    def _row_view(self, rows: slice) -> "Runner":
-        """A runner over rows ``rows`` of this one's batch: the same model, compiled step and
-        settings, every per-row buffer a view of this runner's (its writes land here)."""
-        view = _rows_of(self, rows)
-        view.batch = len(range(self.batch)[rows])
-        view._graphs, view._cuda_graphs, view.micro_batches, view._streams = None, False, 1, []
-        return view
-
-    def _run(self, fn: Callable, args: tuple, streams: Optional[list] = None) -> Tensor:
-        """The step on the whole batch, or micro-batch by micro-batch (``split_batch``);
-        streams: one CUDA stream per micro-batch, which then run concurrently."""
-        n, B = self.micro_batches, self.batch
-        if n == 1:
-            return fn(self, *args)
-        outs = []
-        main = torch.cuda.current_stream() if streams else None
-        for i in range(n):
-            rows = slice(B * i // n, B * (i + 1) // n)
-            part_args = tuple(a[rows] if isinstance(a, Tensor) else a for a in args)
-            if streams is None:
-                outs.append(fn(self._row_view(rows), *part_args))
-                continue
-            streams[i].wait_stream(main)
-            with torch.cuda.stream(streams[i]):
-                outs.append(fn(self._row_view(rows), *part_args))  # (B_i, V)
-        for s in streams or ():
-            main.wait_stream(s)
-        return torch.cat(outs)  # (B, V)
 
     def _replay(self, fn: Callable, args: tuple) -> Tensor:
         """mode='graphs': the step variant of ``args`` (its flags, and which tensors are given)
@@ -483,26 +404,20 @@ class Runner(nn.Module):
         into static buffers, the compiled step runs twice on a side stream (compilation and
         library set-up stay out of the capture; a step's writes depend only on its inputs, so
         repeating it changes nothing), then it is captured. Later calls copy the arguments in
-        and replay: no guards, no per-call bookkeeping on the host. Micro-batches
-        (``split_batch``) are captured as concurrent branches, one stream each."""
+        and replay: no guards, no per-call bookkeeping on the host."""
         key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else a for a in args)
         entry = self._graphs.get(key)
         if entry is None:
             static = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-            # The same streams warm up and capture (libraries set up per-stream state, e.g.
-            # cuBLAS workspaces, on first use: outside the capture).
-            while len(self._streams) < self.micro_batches:
-                self._streams.append(torch.cuda.Stream())
-            streams = self._streams[: self.micro_batches] if self.micro_batches > 1 else None
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._run(fn, static, streams)
+                    fn(self, *static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                out = self._run(fn, static, streams)
+                out = fn(self, *static)
             entry = self._graphs[key] = (graph, static, out)
         graph, static, out = entry
         for dst, src in zip(static, args):
@@ -532,10 +447,6 @@ class Runner(nn.Module):
             self._graphs, self._graph_pool = {}, torch.cuda.graph_pool_handle()
             self._cuda_graphs, mode = True, None
         if mode == "reduce-overhead":
-            if self.micro_batches > 1:
-                raise ValueError(f"compile_step(mode='reduce-overhead') with micro_batches={self.micro_batches}: "
-                                 f"torch.compile's cudagraph trees do not capture several streams; use "
-                                 f"mode='graphs' or split_batch(1)")
             self._cuda_graphs = True
             for buf in self.buffers():
                 torch._dynamo.mark_static_address(buf)

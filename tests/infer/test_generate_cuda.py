@@ -105,11 +105,10 @@ def test_cuda_fused_linears_equal_eager(name, chunk, mode):
     check_runner_generation(name, chunk, mode)
 
 
-def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, parts=1):
+def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True):
     """A runner's generation (fused linears; fuse=False: its default step) against eager
     generation by the model: tokens equal, logits to 1e-4, twice (the second run replays the
-    graphs). after_reference() runs between the two (test_pdl.py: turns PDL launches on).
-    parts: the runner's micro-batches (split_batch)."""
+    graphs). after_reference() runs between the two (test_pdl.py: turns PDL launches on)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))
@@ -119,7 +118,6 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
     if fuse:
         fused = runner.fuse_linears()
         assert any(fused) and runner.fused_head
-    runner.split_batch(parts)
     if mode is not None:
         runner.compile_step(mode=mode)
     for _ in range(2):  # the second run replays the graphs on new cache contents
@@ -128,26 +126,3 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
         assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, want)) <= 1e-4
     if fuse:
         assert int(runner.locks.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None),
-                                        ("debug-dense", None)])
-def test_cuda_micro_batches_as_graph_branches_equal_eager(name, chunk, parts):
-    """split_batch with the runner's CUDA graphs: the micro-batches are concurrent branches
-    (one stream each) of every captured step; tokens equal eager, logits to 1e-4."""
-    check_runner_generation(name, chunk, "graphs", fuse=False, parts=parts)
-
-
-@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4)])
-def test_cuda_aligned_micro_batches_compress_inside_their_branches(name, chunk):
-    """Equal prompt lengths with two micro-batches: each branch of the CUDA graph runs the
-    compressor on its own rows; tokens equal eager, twice (replayed)."""
-    model = _cuda(name)
-    prompts = torch.tensor(_prompts((7, 7, 7, 7), seed=16))
-    want = generate(model, prompts, 26, chunk_size=chunk)
-    runner = make_runner(model, 4, 7 + 26, chunk or model.args.chunk_size)
-    runner.split_batch(2)
-    runner.compile_step(mode="graphs")
-    for _ in range(2):
-        assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want
