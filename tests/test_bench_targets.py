@@ -74,7 +74,8 @@ def test_tuned_linear_tiles_reach_the_generation_jobs_only(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     with_tiles = {line.split()[0] for line in lines if f"--fused-linear --linear-config {tuned} --pdl prefetch" in line}
     assert with_tiles == {"gen-64", "gen-320"}, lines
-    for argv, msg in ([str(tmp_path / "missing.json"), "--fused-linear"], "no such file"), ([str(tuned)], "needs --fused-linear"):
+    for argv, msg in (([str(tmp_path / "missing.json"), "--fused-linear"], "no such file"),
+                      ([str(tuned)], "needs --fused-linear")):
         with pytest.raises(SystemExit) as e:
             bt.main(["--out", str(tmp_path / "out"), "--no-anchor", "--linear-config", *argv])
         assert e.value.code == 2 and msg in capsys.readouterr().err

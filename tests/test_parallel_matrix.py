@@ -16,7 +16,8 @@ from parallel_matrix import compare  # noqa: E402
 def test_matrix_runs_layouts_and_compares_curves(tmp_path):
     out = tmp_path / "mx"
     cmd = [sys.executable, str(ROOT / "tools" / "parallel_matrix.py"),
-           "--config", str(ROOT / "configs" / "debug_cat.yaml"), "--nproc", "2", "--out", str(out), "--layouts", "fsdp,tp", "--compile", "off", "--ac", "none,full",
+           "--config", str(ROOT / "configs" / "debug_cat.yaml"), "--nproc", "2", "--out", str(out),
+           "--layouts", "fsdp,tp", "--compile", "off", "--ac", "none,full",
            "--steps", "3", "--global-batch", "4", "--skip", "0", "data.seq_len=64", "data.corpus_max_bytes=300000"]
     env = {"CAT_TITAN_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)

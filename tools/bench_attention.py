@@ -13,7 +13,8 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py [--batch 8 --seq 2048 --chunk 8 --heads 24 --head-dim 64]
     python tools/bench_attention.py --flex [--autotune]  # the CAT's flex call: default tiles vs kernel options
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
-    python tools/bench_attention.py --decode-gemms   # the decode step's matmuls: cuBLAS, cuBLASLt (--autotune: max-autotune)
+    python tools/bench_attention.py --decode-gemms   # the decode step's matmuls: cuBLAS, cuBLASLt
+                                                     # (--autotune: max-autotune)
     python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
                                                      # stream-K settings vs the unfused ops; FILE: each best
     python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, each PDL mode,
@@ -374,7 +375,8 @@ def decode_gemm_rows(device, batch: int = 64, autotune: bool = False, cycle_byte
 
 
 # cat-150m's decode linears as decode_linear fuses them: (name, K, N, norm, residual, swiglu)
-DECODE_LINEARS = [("norm + w1|w3 + swiglu", 1536, 4096, True, False, True), ("w2 + residual", 4096, 1536, False, True, False),
+DECODE_LINEARS = [("norm + w1|w3 + swiglu", 1536, 4096, True, False, True),
+                  ("w2 + residual", 4096, 1536, False, True, False),
                   ("wo + residual", 1536, 1536, False, True, False), ("norm + head", 1536, 32000, True, False, False),
                   ("norm + wqkv", 1536, 4608, True, False, False)]  # the runners use decode_qkv for this one
 

@@ -215,8 +215,8 @@ def report(results: dict) -> str:
     torches = sorted({r["result"].get("torch", "?") for r in results.values() if "result" in r})
     lines = [f"device: {', '.join(devices) or '-'}; torch {', '.join(torches) or '-'}", "",
              "| target | want | value | threshold | verdict | from |", "| --- | --- | ---: | ---: | --- | --- |"]
-    lines += [f"| {r['target']} | {r['want']} | {_fmt(r['value'], r['unit'])} | {_fmt(r['threshold'], r['unit'])} | {r['verdict']} | "
-              f"{r['evidence']} |" for r in rows]
+    lines += [f"| {r['target']} | {r['want']} | {_fmt(r['value'], r['unit'])} | "
+              f"{_fmt(r['threshold'], r['unit'])} | {r['verdict']} | {r['evidence']} |" for r in rows]
     lines += ["", "| job | seconds | command |", "| --- | ---: | --- |"]
     lines += [f"| {k} | {v['seconds']} | `{v['command']}`{'' if 'result' in v else ' (' + v['error'] + ')'} |"
               for k, v in results.items()]

@@ -252,8 +252,9 @@ def main() -> int:
                 print("  fixed chunk sizes: " + ", ".join(
                     f"{c}: {r['step_s'] * 1e3:.1f} ms ({r['tokens_per_sec_per_device']:,.0f} tokens/s, MFU "
                     f"{percent(r['mfu'])})" for c, r in vs["sizes"].items()), flush=True)
-                print(f"  random curriculum {vs['random_step_s'] * 1e3:.1f} ms/step against {vs['fixed_step_s'] * 1e3:.1f} "
-                      f"for the same draws at fixed sizes: {vs['overhead']:+.1%} (draws: "
+                print(f"  random curriculum {vs['random_step_s'] * 1e3:.1f} ms/step against "
+                      f"{vs['fixed_step_s'] * 1e3:.1f} for the same draws at fixed sizes: "
+                      f"{vs['overhead']:+.1%} (draws: "
                       + ", ".join(f"{c} x{n}" for c, n in vs["draws"].items()) + ")", flush=True)
             if breakdown:
                 print(f"  profile: {breakdown['wall_ms_per_step']:.1f} ms/step wall, kernels "

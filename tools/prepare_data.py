@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         help="'byte', a tiktoken name, or a .tiktoken file (default: %(default)s)",
     )
     parser.add_argument("--text-field", default="text", help="text field of jsonl/parquet rows")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parser.add_argument(
-        "--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        "--workers", type=int, default=cpus,
         help="tokenizer processes (default: the CPUs this process may use, e.g. a Slurm allocation's)"
     )
     parser.add_argument(

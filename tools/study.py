@@ -158,8 +158,8 @@ def parse_args(argv=None):
     a.eval_batches = default(a.eval_batches, 1, 8)
     a.gen_batch = default(a.gen_batch, 2, 64)
     a.work = a.work or a.out / "work"
-    bad = [f"--{k.replace('_', '-')} {v}" for k in ("steps", "evals", "global_batch", "micro_batch", "eval_batches",
-                                                    "gen_batch", "gen_len") if (v := getattr(a, k)) is not None and v < 1]
+    positive = ("steps", "evals", "global_batch", "micro_batch", "eval_batches", "gen_batch", "gen_len")
+    bad = [f"--{k.replace('_', '-')} {v}" for k in positive if (v := getattr(a, k)) is not None and v < 1]
     bad += [f"--warmup-steps {a.warmup_steps}"] if a.warmup_steps < 0 else []
     bad += [f"--minutes {a.minutes}"] if a.minutes is not None and a.minutes <= 0 else []
     if bad:

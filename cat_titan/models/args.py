@@ -28,7 +28,8 @@ def default_intermediate(dim: int) -> int:
 @dataclass
 class ModelArgs:
     kind: ModelKind = "cat"
-    """Model family: dense (Transformer++), cat (fixed chunk), cat_adaptive, cat_layer (CAT as the attention layer, optionally hybrid)."""
+    """Model family: dense (Transformer++), cat (fixed chunk), cat_adaptive, cat_layer (CAT as the
+    attention layer, optionally hybrid)."""
     vocab_size: int = 256
     """Tokenizer vocabulary size; the embedding and output are padded to a multiple of vocab_multiple."""
     vocab_multiple: int = 256
@@ -66,7 +67,8 @@ class ModelArgs:
     compressor_intermediate_size: Optional[int] = None
     """SwiGLU width of the compressor; None means the reference default for compressor_dim."""
     dim_fx: Optional[int] = None
-    """Size of a compressed chunk. cat/cat_adaptive: must equal dim (None means dim). cat_layer: the inner attention width (None means 2*dim)."""
+    """Size of a compressed chunk. cat/cat_adaptive: must equal dim (None means dim). cat_layer: the
+    inner attention width (None means 2*dim)."""
 
     layer_pattern: list[str] = field(default_factory=lambda: ["cat"])
     """cat_layer only: per-layer kinds ('cat' or 'dense'), repeated to n_layers, e.g. [cat, cat, dense]."""
@@ -74,9 +76,11 @@ class ModelArgs:
     """cat_layer only: head width of the CAT layer's inner attention (the reference uses 64)."""
 
     attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
-    """Attention for CAT masks: flex (FlexAttention block masks, CUDA), sdpa (dense mask; CPU and fallback); auto picks flex on CUDA."""
+    """Attention for CAT masks: flex (FlexAttention block masks, CUDA), sdpa (dense mask; CPU and
+    fallback); auto picks flex on CUDA."""
     fused_ops: Literal["auto", "on", "off"] = "auto"
-    """liger-kernel fused RMSNorm/SwiGLU/RoPE/linear-cross-entropy: auto means on for CUDA when liger-kernel is importable."""
+    """liger-kernel fused RMSNorm/SwiGLU/RoPE/linear-cross-entropy: auto means on for CUDA when
+    liger-kernel is importable."""
 
     # Fields that change parameter shapes or the computed function; resuming or loading
     # weights into a model that differs in any of them is refused.

@@ -4,9 +4,9 @@ metrics -> eval -> checkpoint } -> final checkpoint -> sample.
 
 Exit status (documented for launch scripts): 0 finished; 2 bad configuration, run
 directory or checkpoint (nothing was written), or the run directory held by another job
-(``job.lease_timeout_s``; also when it is taken over mid-run: stopped without saving); 75 (EX_TEMPFAIL) stopped by SIGTERM or
-SIGUSR1 after saving a complete checkpoint (requeue: ``checkpoint.resume=auto`` continues
-from it); anything else is a crash.
+(``job.lease_timeout_s``; also when it is taken over mid-run: stopped without saving); 75
+(EX_TEMPFAIL) stopped by SIGTERM or SIGUSR1 after saving a complete checkpoint (requeue:
+``checkpoint.resume=auto`` continues from it); anything else is a crash.
 
 Preemption: a SIGTERM/SIGUSR1 on any rank sets a flag; at the end of the current step the
 ranks agree on it (an all-reduce every step, so a signal that reached only one rank

@@ -4,10 +4,10 @@ On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set b
 kernel is defined, hence subprocesses), float32:
 * the kernel alone against ``reference_decode_linear`` (the model's RMSNorm, F.linear,
   SwiGLU, add) for every combination of norm / residual / SwiGLU, ragged shapes, K split
-  over 1-3 programs and stream-K over 5, 13 and more programs than units of work; and as the qkv projection with RoPE and K/V cache writes against
-  ``reference_decode_qkv`` (1-2 queries per row, 1-2 query heads per KV head, head dims 16
-  and 32, K split 1-2); tolerance 2e-5 (fp32 sums in another order, outputs of order 1-10),
-  and the split-K counters must be back at zero after each call;
+  over 1-3 programs and stream-K over 5, 13 and more programs than units of work; and as the
+  qkv projection with RoPE and K/V cache writes against ``reference_decode_qkv`` (1-2 queries
+  per row, 1-2 query heads per KV head, head dims 16 and 32, K split 1-2); tolerance 2e-5
+  (fp32 sums in another order, outputs of order 1-10), and the split-K counters must be back at zero after each call;
 * generation with every fusable block and the head on the kernel (interpreted) against
   greedy decoding by full forward passes: same tokens, logits to 1e-4 (as test_generate.py),
   once with the default tiles and once (two of the models) with a forced 2-way K split or
@@ -294,7 +294,8 @@ STEP_GRAPH_CHECK = textwrap.dedent("""
             kernels=sum("triton_kernel_wrapper_mutation" in t for t in targets),
             functional=sum("triton_kernel_wrapper_functional" in t for t in targets),
             pdl_ops=sum(t.startswith("cat_titan.") and "_pdl" in t for t in targets),
-            modes=sorted({n.args[-1] for n in nodes if str(n.target).startswith("cat_titan.") and "_pdl" in str(n.target)}),
+            modes=sorted({n.args[-1] for n in nodes
+                          if str(n.target).startswith("cat_titan.") and "_pdl" in str(n.target)}),
             auto_functionalized=sum("auto_functionalized" in t for t in targets),
             clones=sum("clone" in t for t in targets),
             other_copies=sum("copy_" in str(n.target) and n.args[0] is not n.args[1] for n in nodes),
@@ -372,7 +373,8 @@ def test_kernel_compiles_for_hopper_with_pipelined_tensor_core_loop():
             (True, False, True, False, 1, False), (True, True, True, False, 3, False),
             (True, False, False, True, 1, False), (True, False, False, True, 2, False),
             (False, True, False, False, 0, False), (True, False, True, False, 0, False),
-            (True, False, False, True, 0, False), (True, False, True, False, 1, True), (True, False, False, True, 0, True)]:
+            (True, False, False, True, 0, False), (True, False, True, False, 1, True),
+            (True, False, False, True, 0, True)]:
         ir = compile_decode_linear_for_hopper(norm, resid, swiglu, qkv, split, folded).asm["ttgir"]
         assert "async_copy_global_to_local" in ir, (norm, resid, swiglu, qkv, split)
         assert "warp_group_dot" in ir, (norm, resid, swiglu, qkv, split)
@@ -383,8 +385,8 @@ def test_compile_sees_only_outputs_and_counters_written():
     """torch.compile decides from the kernel's TTIR which arguments it writes, and clones
     what it believes written (or every argument if the analysis fails). It must find only the
     output, the split-K workspaces, the counters and (the projection with RoPE) the K/V
-    caches: a weight or the residual stream in that list could be copied on every call. Uses torch's private analysis (the call a traced
-    ``wrap_triton`` makes); skipped if neither of its known names exists."""
+    caches: a weight or the residual stream in that list could be copied on every call. Uses
+    torch's private analysis (the call a traced ``wrap_triton`` makes); skipped if neither of its known names exists."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
     if not (hasattr(tkw, "identify_mutated_tensors") or hasattr(tkw, "identify_accessed_tensors")):
@@ -472,7 +474,8 @@ def test_tuned_tiles_from_the_sweep_apply_to_their_shapes_only(tmp_path, fresh_t
             dict(linear="qkv", M=64, N=4608, K=1536, swiglu=False, qkv=True, variant="fused", us=7.5,
                  **cfg(BN=64, BK=64, PROGRAMS=264))]
     entries = bench.tuned_entries(rows)
-    assert [(e["linear"], e["us"], e["unfused_us"]) for e in entries] == [("w2 + residual", 6.5, 8.0), ("qkv", 7.5, 7.0)]
+    assert ([(e["linear"], e["us"], e["unfused_us"]) for e in entries]
+            == [("w2 + residual", 6.5, 8.0), ("qkv", 7.5, 7.0)])
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"device": "test", "entries": entries}))
     assert dl.load_tuned_configs(path) == 2

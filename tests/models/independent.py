@@ -152,7 +152,8 @@ def cat_layer_forward(sd, configs, ids):
     for i in range(cfg["n_layer"]):
         p = f"layers.{i}."
         h = rms(x, sd[p + "attention_norm.weight"], eps)
-        fx = h.reshape(B, K, C * cfg["dim"]) @ sd[p + "attention.compressor.weight"].T + sd[p + "attention.compressor.bias"]
+        fx = (h.reshape(B, K, C * cfg["dim"]) @ sd[p + "attention.compressor.weight"].T
+              + sd[p + "attention.compressor.bias"])
         slots = torch.cat([sd[p + "attention.dummy_fx.weight"].expand(B, 1, -1), fx], 1)
         e = (h @ sd[p + "attention.expand.weight"].T).view(B, K, C, Dfx)
         seq = torch.cat([torch.cat([slots[:, k:k + 1], e[:, k]], 1) for k in range(K)] + [slots[:, K:]], 1)

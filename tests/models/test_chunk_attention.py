@@ -5,8 +5,8 @@ be set before the kernels are defined, hence a subprocess), float32 inputs with 
 output and gradients within 1e-5 of float64 SDPA and its autograd (both accumulate in at
 least fp32, in different orders). Inputs are strided like the model's (q in (N, S, H, hd)
 storage, k and v gapped views of one projection), with S from 1 to 64, GQA groups 1-3, head
-dims 16-128, and the padded row tile at its default and one size larger. On CUDA: the compiled op in bf16 against float32, and the
-compressor's attention through common.attend.
+dims 16-128, and the padded row tile at its default and one size larger. On CUDA: the
+compiled op in bf16 against float32, and the compressor's attention through common.attend.
 """
 
 import json
