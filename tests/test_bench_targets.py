@@ -140,3 +140,17 @@ def test_report_merges_directories(tmp_path):
     assert rows["train: reference-sized CAT, chunk 8, one GPU"]["value"] == 152e3
     with pytest.raises(SystemExit, match="does not exist"):
         bt.main(["--report", str(tmp_path / "missing")])
+
+
+def test_lean_blocks_reach_the_generation_jobs_only(tmp_path, capsys):
+    """--lean --fold-norms go to both generation jobs; --fold-norms alone, or --lean with
+    --fused-linear, is refused before any work."""
+    assert bt.main(["--list", "--no-anchor", "--lean", "--fold-norms"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in lines if "--lean --fold-norms" in line} == {"gen-64", "gen-320"}, lines
+    for argv, msg in ((["--fold-norms"], "needs --lean or --fused-linear"),
+                      (["--lean", "--fused-linear"], "choose one")):
+        with pytest.raises(SystemExit) as e:
+            bt.main(["--out", str(tmp_path / "out"), "--no-anchor", *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

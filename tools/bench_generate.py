@@ -70,7 +70,8 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
-                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, fold_norms=a.fold_norms)
+                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, lean=a.lean,
+                      fold_norms=a.fold_norms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -121,9 +122,12 @@ def main(argv=None) -> int:
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
                         "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
                         "tiles; see --linear-config)")
+    p.add_argument("--lean", action="store_true",
+                   help="each block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention as one "
+                        "kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block)")
     p.add_argument("--fold-norms", action="store_true",
-                   help="with --fused-linear: the norm weights folded into wqkv, w1|w3 and the head (copies of "
-                        "those weights), so the kernels apply only the norm's row scale (experimental)")
+                   help="with --fused-linear or --lean: the norm weights folded into copies of wqkv, w1|w3 (and "
+                        "with --fused-linear the head), so the kernels apply only the norm's row scale")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
@@ -153,8 +157,10 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
-    if a.fold_norms and not a.fused_linear:
-        p.error("--fold-norms needs --fused-linear")
+    if a.fused_linear and a.lean:
+        p.error("--fused-linear and --lean are two decode paths; choose one")
+    if a.fold_norms and not (a.fused_linear or a.lean):
+        p.error("--fold-norms needs --fused-linear or --lean")
     if a.linear_config is not None:
         if not a.fused_linear:
             p.error("--linear-config needs --fused-linear")
@@ -193,7 +199,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
-          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear} (norms folded "
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, lean {a.lean} (norms folded "
           f"{a.fold_norms}), pdl {a.pdl}, blas {blas}, "
           f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))

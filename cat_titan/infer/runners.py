@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from ..models.common import Attention, RMSNorm, apply_rope, attend
 from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
+from .decode_block import lean_block_forward, rope_attention
 from .decode_linear import decode_linear, decode_qkv, fold_norm_weight, make_locks
 
 
@@ -274,6 +275,8 @@ class Runner(nn.Module):
         # kernels' split-K counters are the ``locks`` buffer, registered then.
         self._fused: list[bool] = [False] * len(model.layers)
         self.fused_head = False
+        # Per layer, whether its block runs as the lean path (lean_linears; decode_block.py).
+        self._lean: list[bool] = [False] * len(model.layers)
         # fuse_linears(fold_norms=True): per layer, wqkv and w1|w3 with their norm's weight
         # folded in (fold_norm_weight), and the head's; refreshed when a source tensor changes.
         self._folded_qkv: list[Optional[Tensor]] = [None] * len(model.layers)
@@ -298,6 +301,7 @@ class Runner(nn.Module):
             self._gate_up[:] = new  # same list object: compiled steps read its entries
             # a layer whose weights stopped being fusable (made DTensors) leaves the fused path
             self._fused[:] = [f and g is not None for f, g in zip(self._fused, new)]
+            self._lean[:] = [f and g is not None for f, g in zip(self._lean, new)]
             if self._graphs:
                 self._graphs.clear()
         if self._fold_sources is not None:
@@ -307,7 +311,7 @@ class Runner(nn.Module):
         """(kind, layer, weight, norm weight) of every linear the fused step runs folded."""
         out = []
         for i, layer in enumerate(self.model.layers):
-            if self._fused[i]:
+            if self._fused[i] or self._lean[i]:
                 out.append(("qkv", i, layer.attention.wqkv.weight, layer.attention_norm.weight))
                 out.append(("gate_up", i, self._gate_up[i], layer.ffn_norm.weight))
         if self.fused_head:
@@ -353,6 +357,7 @@ class Runner(nn.Module):
         weight folded in (``fold_norm_weight``: extra memory of wqkv, w1|w3 and the head), so
         the kernels apply only the norm's row scale (experimental; session 12)."""
         self.fuse_weights()
+        self._lean[:] = [False] * len(self._lean)
         if "locks" not in self._buffers:
             p = next(self.model.parameters())
             self.register_buffer("locks", make_locks(p.device), persistent=False)
@@ -367,14 +372,37 @@ class Runner(nn.Module):
             self._fold()
         return list(self._fused)
 
+    def lean_linears(self, fold_norms: bool = False) -> list[bool]:
+        """Run each decode step's blocks as the lean path (decode_block.py): cuBLAS matmuls,
+        RoPE + cache writes + attention as one kernel, the residual adds inside the wo and w2
+        GEMMs. fold_norms: wqkv and w1|w3 use copies with their norm's weight folded in (extra
+        memory of those weights), which removes the two norm kernels of a block. For the
+        same blocks as ``fuse_linears`` (which it replaces); the others keep the model's ops.
+        Off CUDA the same code runs the reference ops. Returns which layers are lean. Call
+        before ``compile_step``."""
+        self.fuse_weights()
+        self._fused[:] = [False] * len(self._fused)
+        self.fused_head = False
+        self._lean[:] = [self._fusable(layer) and g is not None for layer, g in zip(self.model.layers, self._gate_up)]
+        if self._graphs:
+            self._graphs.clear()
+        self._clear_folded()
+        if fold_norms:
+            self._fold()
+        return list(self._lean)
+
     @staticmethod
     def _fusable(layer: nn.Module) -> bool:
         attn = layer.attention
         return type(attn) is Attention and attn.q_norm is None
 
     def _block(self, i: int, layer: nn.Module, x: Tensor, attend_fused: Callable[[Tensor], Tensor],
-               attention: Callable[[Tensor], Tensor]) -> Tensor:
-        """Layer i of a decode step, fused (``fuse_linears``) or as the model's ops."""
+               attention: Callable[[Tensor], Tensor], attend_lean: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """Layer i of a decode step: lean (``lean_linears``), fused (``fuse_linears``) or as the
+        model's ops."""
+        if self._lean[i]:
+            return lean_block_forward(layer, x, attend_lean, self._gate_up[i], self._folded_qkv[i],
+                                      self._folded_gate_up[i])
         if self._fused[i]:
             folded = self._folded_gate_up[i]
             return fused_block_forward(layer, x, attend_fused, self._gate_up[i] if folded is None else folded,
@@ -593,12 +621,16 @@ class CatRunner(Runner):
                             torch.where(done, 1, 0), torch.where(done, col + 2, 1)))
         x, col, rope, lengths = (torch.stack(t, dim=1) for t in zip(*queries))  # (B, T, ...)
         cos, sin = _rope_at(m.rope, rope)
+        B, T = col.shape
+        flat = (cos.reshape(B * T, -1), sin.reshape(B * T, -1), col.reshape(-1), lengths.reshape(-1))  # rows b*T+t
         for i, (layer, cache) in enumerate(zip(m.layers, self.kv)):
             x = self._block(i, layer, x,
                             lambda u, i=i, layer=layer, cache=cache: cache.attend_fused(
                                 layer.attention, layer.attention_norm, u, cos, sin, col, lengths, self.locks,
                                 folded_wqkv=self._folded_qkv[i]),
-                            lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths))
+                            lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths),
+                            lambda qkv, h, layer=layer, cache=cache: rope_attention(
+                                qkv, cache.k, cache.v, *flat, T, layer.attention.group, h, layer.attention_norm.eps))
         if x.shape[1] == 1:
             return self._head(x[:, 0])
         # adaptive with completions: the sep query predicts for completing rows
@@ -712,6 +744,11 @@ class StackRunner(Runner):
 
                 def attention(u, layer=layer, cache=cache):
                     return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)
+
+                def attend_lean(qkv, h, layer=layer, cache=cache):
+                    k, v = (cache.k, cache.v) if n_dense is None else (cache.k[:, :, :n_dense], cache.v[:, :, :n_dense])
+                    return rope_attention(qkv, k, v, dense_cos[:, 0, 0], dense_sin[:, 0, 0], pos, pos + 1, 1,
+                                          layer.attention.group, h, layer.attention_norm.eps)
             else:
                 def attention(u, i=i, layer=layer, cache=cache):
                     ca = layer.attention
@@ -722,8 +759,8 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-                attend_fused = None  # CAT layers are not fused (_fusable)
-            x = self._block(i, layer, x, attend_fused, attention)
+                attend_fused = attend_lean = None  # CAT layers are not fused (_fusable)
+            x = self._block(i, layer, x, attend_fused, attention, attend_lean)
         return self._head(x[:, 0])
 
 

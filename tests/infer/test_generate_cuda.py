@@ -105,7 +105,17 @@ def test_cuda_fused_linears_equal_eager(name, chunk, mode):
     check_runner_generation(name, chunk, mode)
 
 
-def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True):
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("mode", [None, "graphs"])
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None),
+                                        ("debug-hybrid", None)])
+def test_cuda_lean_blocks_equal_eager(name, chunk, mode, fold):
+    """Lean blocks (cuBLAS + rope_attention + in-place residual GEMMs; fp32), eager and
+    compiled in the runner's CUDA graphs: the unfused eager tokens, logits to 1e-4."""
+    check_runner_generation(name, chunk, mode, fuse=False, lean=(fold,))
+
+
+def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, lean=None):
     """A runner's generation (fused linears; fuse=False: its default step) against eager
     generation by the model: tokens equal, logits to 1e-4, twice (the second run replays the
     graphs). after_reference() runs between the two (test_pdl.py: turns PDL launches on)."""
@@ -118,6 +128,8 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True):
     if fuse:
         fused = runner.fuse_linears()
         assert any(fused) and runner.fused_head
+    if lean is not None:
+        assert any(runner.lean_linears(fold_norms=lean[0]))
     if mode is not None:
         runner.compile_step(mode=mode)
     for _ in range(2):  # the second run replays the graphs on new cache contents
