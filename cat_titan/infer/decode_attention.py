@@ -81,6 +81,40 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor
 if triton is not None:
 
     @triton.jit
+    def attend_visible(q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, n_vis, d,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD: tl.constexpr, IEEE: tl.constexpr,
+                       SCALE: tl.constexpr):
+        """Softmax attention of q (BLOCK_M, HD) over the columns [0, n_vis[r]) of one head's K/V,
+        streamed in BLOCK_N-column blocks with an online softmax (fp32 statistics). Returns
+        (acc, l): the output is acc / l[:, None]. Every n_vis >= 1 (column 0 is in every row's
+        first block, so the running maximum is finite)."""
+        n_max = tl.max(n_vis, axis=0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD], tl.float32)
+        for start in range(0, n_max, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < n_max
+            kb = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None], other=0.0)
+            vb = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=n_ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kb))
+            s = tl.where(n[None, :] < n_vis[:, None], s * SCALE, float("-inf"))  # (BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p, vb.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vb.dtype), vb)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        return acc, l_i
+
+    @triton.jit
     def _decode_kernel(Q, K, V, Lens, Out,
                        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                        sl_b, sl_t, so_b, so_h, so_t, so_d,
@@ -101,32 +135,8 @@ if triton is not None:
                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HD)
         # Padding rows see column 0 only, so every row's statistics stay finite.
         n_vis = tl.load(Lens + b * sl_b + qt * sl_t, mask=row_ok, other=1).to(tl.int32)  # (BLOCK_M,)
-        n_max = tl.max(n_vis, axis=0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HD], tl.float32)
-        k_base = K + b * sk_b + h * sk_h
-        v_base = V + b * sv_b + h * sv_h
-        for start in range(0, n_max, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < n_max
-            kb = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None], other=0.0)
-            vb = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kb), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kb))
-            s = tl.where(n[None, :] < n_vis[:, None], s * SCALE, float("-inf"))  # (BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: column 0 is in every row's first block
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, vb.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(vb.dtype), vb)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        acc, l_i = attend_visible(q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
+                                  n_vis, d, BLOCK_M, BLOCK_N, HD, IEEE, SCALE)
         if PDL == 2:  # 'late': the cache is streamed, only the store is left
             tl.extra.cuda.gdc_launch_dependents()
         out = acc / l_i[:, None]

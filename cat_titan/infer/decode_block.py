@@ -41,6 +41,8 @@ from .decode_attention import reference_decode_attention
 try:
     import triton
     import triton.language as tl
+
+    from .decode_attention import attend_visible
 except ImportError:  # pragma: no cover - CPU-only installs without triton
     triton = None
 
@@ -231,34 +233,10 @@ if triton is not None:
         sin_q = tl.load(Sin + m_q[:, None] * s_rope + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         q = (q * cos_q + sign[None, :] * q_rot * sin_q).to(K.dtype.element_ty)  # (BLOCK_M, HD)
 
-        # Attention over each query's visible prefix (decode_attention's kernel).
+        # Attention over each query's visible prefix (decode_attention's loop).
         n_vis = tl.load(Lens + m_q, mask=row_ok, other=1).to(tl.int32)  # padding rows see column 0
-        n_max = tl.max(n_vis, axis=0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HD], tl.float32)
-        k_base = K + b * sk_b + h * sk_h
-        v_base = V + b * sv_b + h * sv_h
-        for start in range(0, n_max, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < n_max
-            kb = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=n_ok[:, None], other=0.0)
-            vb = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kb), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kb))
-            s = tl.where(n[None, :] < n_vis[:, None], s * SCALE, float("-inf"))  # (BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, vb.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(vb.dtype), vb)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        acc, l_i = attend_visible(q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, 1, sv_n, 1, n_vis, d,
+                                  BLOCK_M, BLOCK_N, HD, IEEE, SCALE)
         out = acc / l_i[:, None]
         tl.store(Out + m_q[:, None] * s_out + (h * G + qj)[:, None] * HD + d[None, :],
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])

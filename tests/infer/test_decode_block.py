@@ -245,3 +245,76 @@ def test_cuda_kernels_bf16_within_the_unfused_error(T, fold):
     gu, h = torch.randn(B * T, 8192, device=dev, dtype=bf), torch.randn(B * T, D, device=dev, dtype=bf)
     exact = reference_swiglu_rows(gu.float(), h.float(), 1e-5)
     assert err(swiglu_rows(gu, h, 1e-5), exact) <= 2 * err(reference_swiglu_rows(gu, h, 1e-5), exact) + 1e-3
+
+
+COMPILE_CHECK = textwrap.dedent("""
+    import json, torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class HopperTarget:  # no GPU here: the TTIR needs only a target
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(HopperTarget())
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from cat_titan.infer import decode_attention as da, decode_block as db
+    from tests.infer.test_decode_linear import compile_for_hopper
+
+    def written(kernel, kw):
+        if hasattr(tkw, "identify_mutated_tensors"):  # torch <= 2.11
+            return sorted(tkw.identify_mutated_tensors(kernel, kw, {}))
+        acc = tkw.identify_accessed_tensors(kernel, kw, {})  # later versions
+        return sorted({d.name for d in acc.read_writes.writes if isinstance(kw.get(d.name), torch.Tensor)})
+
+    bf, out = torch.bfloat16, {}
+    t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)
+    # cat-150m at batch 64: 24 KV heads of 64, 266 cache columns, qkv rows of 24 * 3 * 64
+    for fold, T in ((False, 1), (True, 2)):
+        kw = dict(QKV=t(64 * T, 4608), X=t(64 * T, 1536), Cos=t(64 * T, 64), Sin=t(64 * T, 64), K=t(64, 24, 266, 64),
+                  V=t(64, 24, 266, 64), Cols=t(64 * T, dtype=torch.long), Lens=t(64 * T, dtype=torch.long),
+                  Out=t(64 * T, 1536), D=1536, eps=1e-5, s_qkv=4608, s_x=1536, s_rope=64, sk_b=408576, sk_h=17024,
+                  sk_n=64, sv_b=408576, sv_h=17024, sv_n=64, s_out=1536, HKV=24, G=1, T=T, HD=64, FOLD=fold,
+                  BLOCK_D=1024, BLOCK_M=16, BLOCK_T=2, BLOCK_N=32, IEEE=False, SCALE=0.125)
+        out[f"rope_attention-{fold}"] = written(db._rope_attention_kernel, kw)
+        ptrs = {k: ("*i64" if k in ("Cols", "Lens") else "*bf16") for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        const = {k: v for k, v in kw.items() if k.isupper() and not isinstance(v, torch.Tensor)}
+        compile_for_hopper(db._rope_attention_kernel, ptrs, const, num_warps=1, num_stages=2)
+    kw = dict(GU=t(64, 8192), H=t(64, 1536), Out=t(64, 4096), F_=4096, D=1536, eps=1e-5, s_gu=8192, s_h=1536,
+              s_out=4096, BLOCK_F=1024, BLOCK_D=2048)
+    out["swiglu_rows"] = written(db._swiglu_rows_kernel, kw)
+    compile_for_hopper(db._swiglu_rows_kernel, dict(GU="*bf16", H="*bf16", Out="*bf16"),
+                       dict(BLOCK_F=1024, BLOCK_D=2048), num_warps=4)
+    kw = dict(Q=t(64, 24, 1, 64), K=t(64, 24, 266, 64), V=t(64, 24, 266, 64), Lens=t(64, 1, dtype=torch.long),
+              Out=t(64, 24, 1, 64), sq_b=1536, sq_h=64, sq_t=64, sq_d=1, sk_b=408576, sk_h=17024, sk_n=64, sk_d=1,
+              sv_b=408576, sv_h=17024, sv_n=64, sv_d=1, sl_b=1, sl_t=1, so_b=1536, so_h=64, so_t=64, so_d=1,
+              HKV=24, G=1, T=1, HD=64, BLOCK_M=16, BLOCK_N=32, IEEE=False, SCALE=0.125, PDL=0)
+    out["decode_attention"] = written(da._decode_kernel, kw)
+    compile_for_hopper(da._decode_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", Out="*bf16"),
+                       dict(sq_d=1, sk_d=1, sv_d=1, so_d=1, HKV=24, G=1, T=1, HD=64, BLOCK_M=16, BLOCK_N=32,
+                            IEEE=False, SCALE=0.125, PDL=0), num_warps=1, num_stages=2)
+    print(json.dumps(out))
+""")
+
+
+def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
+    """Without a GPU: the kernels compile for sm_90 (ptxas from triton's wheel), and
+    torch.compile's analysis of each (from its TTIR, through the shared ``attend_visible``)
+    finds only the output and, for rope_attention, the K/V caches written: anything more
+    would be cloned on every call."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_decode_linear import HOPPER_OK, HOPPER_WHY_NOT, ROOT
+
+    if not HOPPER_OK:
+        pytest.skip(HOPPER_WHY_NOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {
+        "rope_attention-False": ["K", "Out", "V"], "rope_attention-True": ["K", "Out", "V"],
+        "swiglu_rows": ["Out"], "decode_attention": ["Out"]}
