@@ -163,6 +163,29 @@ def test_lean_runner_generates_the_model_tokens(name, chunk, fold):
         assert (torch.stack([s.logits for s in steps], 1)[b] - want_logits).abs().max().item() <= 1e-4
 
 
+def test_lean_runner_refolds_after_the_norm_weights_change():
+    """lean_linears(fold_norms=True): after the model's norm weights change in place, the next
+    generation folds them again and follows the changed model (greedy decoding by full
+    forward passes: tokens equal, logits to 1e-4)."""
+    from .util import perturbed
+
+    model = perturbed("debug-cat")
+    prompts = [[5, 9, 2, 7], [4, 4, 8, 1, 0, 6, 3, 3, 1]]
+    runner = make_runner(model, 2, 9 + 8, model.args.chunk_size)
+    runner.lean_linears(fold_norms=True)
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, RMSNorm):
+                        m.weight.mul_(torch.linspace(0.5, 1.5, m.weight.numel()))
+        steps = list(stream(model, prompts, 8, runner=runner))
+        for b, p in enumerate(prompts):
+            want, want_logits = greedy_by_full_forward(model, p, 8)
+            assert torch.stack([s.tokens for s in steps], 1)[b].tolist() == want, change
+            assert (torch.stack([s.logits for s in steps], 1)[b] - want_logits).abs().max().item() <= 1e-4, change
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_compiled_lean_step_is_exact_and_updates_the_residual_in_place(fold):
     from cat_titan.infer.profiling import decode_graph_code
