@@ -9,7 +9,8 @@
 * Generation through lean runners, eager and compiled by inductor on CPU, with and without
   folded norms, against the default runner and greedy decoding by full forward passes
   (tokens equal; logits to 1e-4); the compiled step updates the residual stream in place
-  (no copy around ``residual_linear_``).
+  (no copy around ``residual_linear_``). Refolding after the weights change:
+  test_decode_linear.py's folded-norms test, for both paths.
 * Generation with the kernels interpreted inside the lean runner.
 On CUDA: test_generate_cuda.py.
 """
@@ -163,29 +164,6 @@ def test_lean_runner_generates_the_model_tokens(name, chunk, fold):
         assert (torch.stack([s.logits for s in steps], 1)[b] - want_logits).abs().max().item() <= 1e-4
 
 
-def test_lean_runner_refolds_after_the_norm_weights_change():
-    """lean_linears(fold_norms=True): after the model's norm weights change in place, the next
-    generation folds them again and follows the changed model (greedy decoding by full
-    forward passes: tokens equal, logits to 1e-4)."""
-    from .util import perturbed
-
-    model = perturbed("debug-cat")
-    prompts = [[5, 9, 2, 7], [4, 4, 8, 1, 0, 6, 3, 3, 1]]
-    runner = make_runner(model, 2, 9 + 8, model.args.chunk_size)
-    runner.lean_linears(fold_norms=True)
-    for change in (False, True):
-        if change:
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, RMSNorm):
-                        m.weight.mul_(torch.linspace(0.5, 1.5, m.weight.numel()))
-        steps = list(stream(model, prompts, 8, runner=runner))
-        for b, p in enumerate(prompts):
-            want, want_logits = greedy_by_full_forward(model, p, 8)
-            assert torch.stack([s.tokens for s in steps], 1)[b].tolist() == want, change
-            assert (torch.stack([s.logits for s in steps], 1)[b] - want_logits).abs().max().item() <= 1e-4, change
-
-
 @pytest.mark.parametrize("fold", [False, True])
 def test_compiled_lean_step_is_exact_and_updates_the_residual_in_place(fold):
     from cat_titan.infer.profiling import decode_graph_code
@@ -272,23 +250,11 @@ def test_cuda_kernels_bf16_within_the_unfused_error(T, fold):
 
 COMPILE_CHECK = textwrap.dedent("""
     import json, torch
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from tests.hopper import activate, written
 
-    class HopperTarget:  # no GPU here: the TTIR needs only a target
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    triton.runtime.driver.set_active(HopperTarget())
-    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    activate()
     from cat_titan.infer import decode_attention as da, decode_block as db
     from tests.infer.test_decode_linear import compile_for_hopper
-
-    def written(kernel, kw):
-        if hasattr(tkw, "identify_mutated_tensors"):  # torch <= 2.11
-            return sorted(tkw.identify_mutated_tensors(kernel, kw, {}))
-        acc = tkw.identify_accessed_tensors(kernel, kw, {})  # later versions
-        return sorted({d.name for d in acc.read_writes.writes if isinstance(kw.get(d.name), torch.Tensor)})
 
     bf, out = torch.bfloat16, {}
     t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)

@@ -201,22 +201,10 @@ def test_generation_with_interpreted_kernels_equals_full_forward(interpreted, ti
 
 MUTATION_CHECK = textwrap.dedent("""
     import json, torch
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from tests.hopper import activate, written
 
-    class HopperTarget:  # no GPU here: the TTIR needs only a target
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    triton.runtime.driver.set_active(HopperTarget())
-    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    activate()
     from cat_titan.infer import decode_linear as dl
-
-    def written(kernel, kw):
-        if hasattr(tkw, "identify_mutated_tensors"):  # torch <= 2.11
-            return sorted(tkw.identify_mutated_tensors(kernel, kw, {}))
-        acc = tkw.identify_accessed_tensors(kernel, kw, {})  # later versions
-        return sorted({d.name for d in acc.read_writes.writes if isinstance(kw.get(d.name), torch.Tensor)})
 
     M, N, K, bf = 64, 1536, 4096, torch.bfloat16
     t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)
@@ -504,12 +492,14 @@ def test_the_h200_sweep_in_docs_loads_and_covers_every_cat150m_linear(fresh_tune
                              (64, 32000, 1536, False, False), (64, 4608, 1536, False, False)}
 
 
+@pytest.mark.parametrize("path", ["fused", "lean"])
 @pytest.mark.parametrize("name", ["debug-cat", "debug-dense", "debug-hybrid"])
-def test_cpu_fused_runner_with_folded_norms_follows_the_weights(name):
+def test_cpu_fused_runner_with_folded_norms_follows_the_weights(name, path):
     """fuse_linears(fold_norms=True) off CUDA: the reference path with the norm weights folded
     into wqkv, w1|w3 and the head gives greedy decoding by full forward passes (tokens equal,
     logits to 1e-4: the weights are rounded once more). After the model's norm and head
-    weights change in place, the next generation refolds and follows the changed model."""
+    weights change in place, the next generation refolds and follows the changed model. The
+    same for lean_linears(fold_norms=True) (decode_block.py; the head is not folded there)."""
     from cat_titan.models.common import RMSNorm
 
     from .util import greedy_by_full_forward, perturbed
@@ -518,8 +508,12 @@ def test_cpu_fused_runner_with_folded_norms_follows_the_weights(name):
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (4, 9)]
     runner = make_runner(model, 2, 9 + 10, model.args.chunk_size)
-    fused = runner.fuse_linears(fold_norms=True)
-    assert any(fused) and runner._folded_head is not None
+    if path == "fused":
+        fused = runner.fuse_linears(fold_norms=True)
+        assert any(fused) and runner._folded_head is not None
+    else:
+        lean = runner.lean_linears(fold_norms=True)
+        assert any(lean) and runner._folded_qkv[lean.index(True)] is not None
     for change in (False, True):
         if change:
             with torch.no_grad():
