@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decode_attention import reference_decode_attention
+from .decode_linear import rope_and_write_kv, row_rsqrt
 
 try:
     import triton
@@ -52,11 +53,6 @@ def use_kernel(x: Tensor) -> bool:
     return x.is_cuda
 
 
-def row_rsqrt(x: Tensor, eps: float) -> Tensor:
-    """RMSNorm's row scale in float32: x (M, D) -> (M, 1)."""
-    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-
-
 # ----------------------------------------------------------------------------------------
 # RoPE + cache writes + attention
 # ----------------------------------------------------------------------------------------
@@ -70,18 +66,12 @@ def reference_rope_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos:
     columns [0, lengths[m]) (the step's own writes included) -> (M, G*Hkv*hd).
     x (M, D): the rows' residual stream, given when the norm weight is folded into wqkv: the
     projection is then scaled by RMSNorm's row scale of x first (in float32)."""
-    from ..models.common import apply_rope
-
     M = qkv.shape[0]
     B, Hkv, _, hd = k_cache.shape
     if x is not None:
         qkv = (qkv.float() * row_rsqrt(x, eps)).to(qkv.dtype)
-    q, k, v = qkv.view(M, Hkv, (G + 2) * hd).split([G * hd, hd, hd], dim=-1)
-    rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd)
-    rows = torch.arange(M, device=qkv.device) // T
-    k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
-    v_cache[rows, :, cols] = v
-    q = rope(q.reshape(M, Hkv * G, hd)).view(B, T, Hkv * G, hd).transpose(1, 2)  # (B, Hq, T, hd)
+    q = rope_and_write_kv(qkv, k_cache, v_cache, cos, sin, cols, T, G)  # (M, Hq, hd)
+    q = q.view(B, T, Hkv * G, hd).transpose(1, 2)  # (B, Hq, T, hd)
     y = reference_decode_attention(q, k_cache, v_cache, lengths.view(B, T))
     return y.transpose(1, 2).reshape(M, Hkv * G * hd)
 

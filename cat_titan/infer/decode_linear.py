@@ -77,11 +77,15 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
 LOCKS = 1024  # tile counters per runner: split-K is used only with fewer tiles than SMs
 
 
+def row_rsqrt(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm's row scale in float32: x (M, D) -> rsqrt(mean(x^2) + eps) (M, 1)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 def row_scale(x: Tensor, eps: float) -> Tensor:
     """RMSNorm without its weight (that is in the folded weight, ``fold_norm_weight``):
     x * rsqrt(mean(x^2) + eps) in float32, cast back, as RMSNorm computes it."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (x.float() * row_rsqrt(x, eps)).to(x.dtype)
 
 
 def _normed(x: Tensor, norm: Optional[nn.Module], norm_in_w: bool) -> Tensor:
@@ -143,18 +147,24 @@ def reference_decode_qkv(x: Tensor, w: Tensor, norm: Optional[nn.Module], k_cach
                          cos: Tensor, sin: Tensor, cols: Tensor, T: int, G: int, norm_in_w: bool = False) -> Tensor:
     """The definition of ``decode_qkv`` with the model's ops (runners.project_qkv's arithmetic
     and KVCache.attend's writes, on rows instead of (batch, query) pairs)."""
+    return rope_and_write_kv(F.linear(_normed(x, norm, norm_in_w), w), k_cache, v_cache, cos, sin, cols, T,
+                             G).reshape(x.shape[0], -1)  # (M, Hq*hd)
+
+
+def rope_and_write_kv(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
+                      T: int, G: int) -> Tensor:
+    """The projection's rows qkv (M, Hkv*(G+2)*hd), per KV head [G q | k | v]: RoPE on k and q
+    (cos/sin (M, hd)), k and v written at [m // T, :, cols[m]] of the caches (B, Hkv, N, hd);
+    returns the rotated q (M, Hq, hd)."""
     from ..models.common import apply_rope
 
-    M = x.shape[0]
-    hd = k_cache.shape[-1]
-    qkv = F.linear(_normed(x, norm, norm_in_w), w).view(M, -1, (G + 2) * hd)  # (M, Hkv, (G+2)*hd)
-    q, k, v = qkv.split([G * hd, hd, hd], dim=-1)
-    q = q.reshape(M, -1, hd)  # (M, Hq, hd)
+    M, hd = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.view(M, -1, (G + 2) * hd).split([G * hd, hd, hd], dim=-1)  # per KV head
     rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
-    rows = torch.arange(M, device=x.device) // T
+    rows = torch.arange(M, device=qkv.device) // T
     k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
     v_cache[rows, :, cols] = v
-    return rope(q).reshape(M, -1)  # (M, Hq*hd)
+    return rope(q.reshape(M, -1, hd))  # (M, Hq, hd)
 
 
 def qkv_kernel_supports(x: Tensor, k_cache: Tensor, cos: Tensor) -> bool:

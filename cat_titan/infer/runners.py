@@ -271,13 +271,12 @@ class Runner(nn.Module):
         self._graph_pool = None
         # Per layer, the feed-forward's fused w1|w3 weight (fuse_weights; compile_step on CUDA).
         self._gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
-        # Per layer, whether its block runs as decode_linear kernels (fuse_linears); the
-        # kernels' split-K counters are the ``locks`` buffer, registered then.
-        self._fused: list[bool] = [False] * len(model.layers)
+        # Per layer, how its block runs in a decode step: "ops" (the model's modules), "fused"
+        # (decode_linear kernels, fuse_linears; their split-K counters are the ``locks`` buffer,
+        # registered then) or "lean" (decode_block.py, lean_linears).
+        self._path: list[str] = ["ops"] * len(model.layers)
         self.fused_head = False
-        # Per layer, whether its block runs as the lean path (lean_linears; decode_block.py).
-        self._lean: list[bool] = [False] * len(model.layers)
-        # fuse_linears(fold_norms=True): per layer, wqkv and w1|w3 with their norm's weight
+        # fold_norms=True: per layer, wqkv and w1|w3 with their norm's weight
         # folded in (fold_norm_weight), and the head's; refreshed when a source tensor changes.
         self._folded_qkv: list[Optional[Tensor]] = [None] * len(model.layers)
         self._folded_gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
@@ -299,9 +298,8 @@ class Runner(nn.Module):
         new = [fuse_gate_up(layer.feed_forward) for layer in self.model.layers]
         if any(a is not b for a, b in zip(new, self._gate_up)):
             self._gate_up[:] = new  # same list object: compiled steps read its entries
-            # a layer whose weights stopped being fusable (made DTensors) leaves the fused path
-            self._fused[:] = [f and g is not None for f, g in zip(self._fused, new)]
-            self._lean[:] = [f and g is not None for f, g in zip(self._lean, new)]
+            # a layer whose weights stopped being fusable (made DTensors) returns to the model's ops
+            self._path[:] = [p if g is not None else "ops" for p, g in zip(self._path, new)]
             if self._graphs:
                 self._graphs.clear()
         if self._fold_sources is not None:
@@ -311,7 +309,7 @@ class Runner(nn.Module):
         """(kind, layer, weight, norm weight) of every linear the fused step runs folded."""
         out = []
         for i, layer in enumerate(self.model.layers):
-            if self._fused[i] or self._lean[i]:
+            if self._path[i] != "ops":
                 out.append(("qkv", i, layer.attention.wqkv.weight, layer.attention_norm.weight))
                 out.append(("gate_up", i, self._gate_up[i], layer.ffn_norm.weight))
         if self.fused_head:
@@ -356,21 +354,12 @@ class Runner(nn.Module):
         fold_norms: the three normed linears use copies of their weights with the norm's
         weight folded in (``fold_norm_weight``: extra memory of wqkv, w1|w3 and the head), so
         the kernels apply only the norm's row scale (experimental; session 12)."""
-        self.fuse_weights()
-        self._lean[:] = [False] * len(self._lean)
         if "locks" not in self._buffers:
             p = next(self.model.parameters())
             self.register_buffer("locks", make_locks(p.device), persistent=False)
-        self._fused[:] = [self._fusable(layer) and g is not None
-                          for layer, g in zip(self.model.layers, self._gate_up)]
         head = self.model.head
         self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
-        if self._graphs:
-            self._graphs.clear()
-        self._clear_folded()
-        if fold_norms:
-            self._fold()
-        return list(self._fused)
+        return self._set_path("fused", fold_norms)
 
     def lean_linears(self, fold_norms: bool = False) -> list[bool]:
         """Run each decode step's blocks as the lean path (decode_block.py): cuBLAS matmuls,
@@ -380,16 +369,21 @@ class Runner(nn.Module):
         same blocks as ``fuse_linears`` (which it replaces); the others keep the model's ops.
         Off CUDA the same code runs the reference ops. Returns which layers are lean. Call
         before ``compile_step``."""
-        self.fuse_weights()
-        self._fused[:] = [False] * len(self._fused)
         self.fused_head = False
-        self._lean[:] = [self._fusable(layer) and g is not None for layer, g in zip(self.model.layers, self._gate_up)]
+        return self._set_path("lean", fold_norms)
+
+    def _set_path(self, path: str, fold_norms: bool) -> list[bool]:
+        """Every block that can (``_fusable``, w1|w3 fusable) runs as ``path``, the others as the
+        model's ops; the captured graphs and folded weights are redone. Returns which run as path."""
+        self.fuse_weights()
+        self._path[:] = [path if self._fusable(layer) and g is not None else "ops"
+                         for layer, g in zip(self.model.layers, self._gate_up)]
         if self._graphs:
             self._graphs.clear()
         self._clear_folded()
         if fold_norms:
-            self._fold()
-        return list(self._lean)
+            self._fold()  # reads fused_head: set before
+        return [p == path for p in self._path]
 
     @staticmethod
     def _fusable(layer: nn.Module) -> bool:
@@ -400,10 +394,10 @@ class Runner(nn.Module):
                attention: Callable[[Tensor], Tensor], attend_lean: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """Layer i of a decode step: lean (``lean_linears``), fused (``fuse_linears``) or as the
         model's ops."""
-        if self._lean[i]:
+        if self._path[i] == "lean":
             return lean_block_forward(layer, x, attend_lean, self._gate_up[i], self._folded_qkv[i],
                                       self._folded_gate_up[i])
-        if self._fused[i]:
+        if self._path[i] == "fused":
             folded = self._folded_gate_up[i]
             return fused_block_forward(layer, x, attend_fused, self._gate_up[i] if folded is None else folded,
                                        self.locks, folded is not None)
