@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decode_attention import reference_decode_attention
+from .decode_attention import kernel_config, reference_decode_attention
 from .decode_linear import rope_and_write_kv, row_rsqrt
 
 try:
@@ -234,8 +234,6 @@ if triton is not None:
     def launch_rope_attention(kernel, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
                               cols: Tensor, lengths: Tensor, x: Optional[Tensor], eps: float, T: int, G: int,
                               config: Optional[dict] = None) -> Tensor:
-        from .decode_attention import kernel_config
-
         M = qkv.shape[0]
         B, Hkv, N, hd = k_cache.shape
         out = torch.empty((M, Hkv * G * hd), dtype=qkv.dtype, device=qkv.device)
