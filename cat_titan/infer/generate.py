@@ -155,10 +155,12 @@ class Generation:
         logits = self.runner.prefill(self.tokens, self.lengths)  # (B, V)
         pos, pos_host = self.lengths.clone(), self.lengths_host.clone()  # position of the token fed next
         stopped = torch.zeros(self.batch, dtype=torch.bool, device=pos.device)
+        everyone = ~stopped  # without eos no row stops: one tensor for every step, no kernel per step
         for i in range(n):
             tok = sample(logits, self.params, vocab, self.generator)  # (B,)
-            alive = ~stopped
+            alive = everyone
             if eos is not None:
+                alive = ~stopped
                 stopped = stopped | (tok == eos)
             yield StepOutput(tok, alive, logits)
             # The eos check syncs with the device once per step; without eos_id none does.

@@ -40,9 +40,12 @@ def sample(logits: Tensor, params: SamplingParams, vocab_size: int,
            generator: Optional[torch.Generator] = None) -> Tensor:
     """logits (B, V_padded) -> token ids (B,). Ids >= vocab_size (embedding padding) are
     never chosen."""
-    logits = logits[:, :vocab_size].float()  # (B, V)
+    logits = logits[:, :vocab_size]  # (B, V)
     if params.greedy:
+        # In the logits' own dtype: widening is exact and order-preserving, so the argmax
+        # (first of equal maxima) is the same, without materialising a float copy.
         return logits.argmax(-1)
+    logits = logits.float()
     # Shifting the row max to 0 first leaves nothing that can overflow to +inf (or give
     # inf - inf = NaN in softmax) for a tiny T: the max stays 0 and the rest go to -inf.
     # T is clamped at float32's smallest normal, since below ~1e-45 it would round to 0 (0/0).

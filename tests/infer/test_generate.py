@@ -197,6 +197,20 @@ def test_sampler_distribution_and_filters():
     assert sample(logits, SamplingParams(), 8).eq(3).all()  # padding only when asked
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_in_the_logits_dtype_is_the_float_argmax(dtype):
+    """Greedy takes the argmax in the logits' own dtype (no float copy): the same ids as the
+    float32 argmax, the first of tied maxima (bf16 ties often), padding columns excluded."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 1000, generator=g) * 3).to(dtype)  # (B, V_padded), many ties in bf16
+    logits[:, 990:] = 100.0  # padding columns (vocab 990) that would win
+    logits[0, [7, 500]] = 50.0  # an exact tie at the top: the first index
+    got = sample(logits, SamplingParams(), 990)
+    assert got.dtype == torch.long
+    assert torch.equal(got, logits[:, :990].float().argmax(-1))
+    assert int(got[0]) == 7 and int(got.max()) < 990
+
+
 def test_runner_reuse_across_calls():
     for name, chunk in [("debug-hybrid", None), ("debug-cat-adaptive", 2), ("debug-dense", None)]:
         model = debug_model(name)
