@@ -122,12 +122,13 @@ def main(argv=None) -> int:
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
                         "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
                         "tiles; see --linear-config)")
-    p.add_argument("--lean", action="store_true",
+    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="each block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention as one "
-                        "kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block)")
+                        "kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block). "
+                        "Default: lean where the step is compiled on CUDA; --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
-                   help="with --fused-linear or --lean: the norm weights folded into copies of wqkv, w1|w3 (and "
-                        "with --fused-linear the head), so the kernels apply only the norm's row scale")
+                   help="with --fused-linear or the lean path: the norm weights folded into copies of wqkv, w1|w3 "
+                        "(and with --fused-linear the head), so the kernels apply only the norm's row scale")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
@@ -159,8 +160,8 @@ def main(argv=None) -> int:
         p.error("--autotune needs --compile")
     if a.fused_linear and a.lean:
         p.error("--fused-linear and --lean are two decode paths; choose one")
-    if a.fold_norms and not (a.fused_linear or a.lean):
-        p.error("--fold-norms needs --fused-linear or --lean")
+    if a.fold_norms and not a.fused_linear and a.lean is False:
+        p.error("--fold-norms needs --fused-linear or the lean path: drop --no-lean")
     if a.linear_config is not None:
         if not a.fused_linear:
             p.error("--linear-config needs --fused-linear")
@@ -198,10 +199,10 @@ def main(argv=None) -> int:
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
+    paths = "/".join(sorted({r["decode_paths"] for r in rows}))  # per model: "lean", "ops", "lean+ops" (hybrids)
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
-          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, lean {a.lean} (norms folded "
-          f"{a.fold_norms}), pdl {a.pdl}, blas {blas}, "
-          f"prompt {a.prompt_len}, torch {torch.__version__}")
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, decode paths {paths} "
+          f"(norms folded {a.fold_norms}), pdl {a.pdl}, blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:
         from cat_titan.infer.profiling import write_index

@@ -85,7 +85,7 @@ def jobs(a) -> list[Job]:
                                                               if i == 0 and anchor else "")))
     fused = (["--fused-linear"] if a.fused_linear else []) + (
         ["--linear-config", str(a.linear_config)] if a.linear_config else []) + (
-        ["--pdl", a.pdl] if a.pdl != "off" else []) + (["--lean"] if a.lean else []) + (
+        ["--pdl", a.pdl] if a.pdl != "off" else []) + ({True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (
         ["--fold-norms"] if a.fold_norms else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
@@ -255,11 +255,12 @@ def main(argv=None) -> int:
     p.add_argument("--fused-linear", action="store_true", help="generation with cat_titan.infer.decode_linear")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
-    p.add_argument("--lean", action="store_true",
-                   help="generation with the lean decode blocks (bench_generate --lean; cat_titan.infer.decode_block)")
+    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
+                   help="generation with the lean decode blocks (bench_generate --lean; cat_titan.infer.decode_block; "
+                        "bench_generate's default on CUDA); --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
-                   help="with --lean or --fused-linear: norm weights folded into copies of wqkv and w1|w3 (faster, "
-                        "more memory: it counts in the batch-320 memory ratio too)")
+                   help="with the lean path or --fused-linear: norm weights folded into copies of wqkv and w1|w3 "
+                        "(faster, more memory: it counts in the batch-320 memory ratio too)")
     p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
                    help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
@@ -271,8 +272,8 @@ def main(argv=None) -> int:
         p.error("--linear-config needs --fused-linear")
     if a.lean and a.fused_linear:
         p.error("--lean and --fused-linear are two decode paths; choose one")
-    if a.fold_norms and not (a.lean or a.fused_linear):
-        p.error("--fold-norms needs --lean or --fused-linear")
+    if a.fold_norms and not a.fused_linear and a.lean is False:
+        p.error("--fold-norms needs the lean path or --fused-linear: drop --no-lean")
     if a.linear_config and not a.linear_config.is_file():
         p.error(f"--linear-config {a.linear_config}: no such file (write it with tools/bench_attention.py "
                 "--decode-linear --write-config FILE)")

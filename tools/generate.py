@@ -158,12 +158,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "stored", *DTYPES],
                    help="auto: bf16 on CUDA, fp32 elsewhere; stored: the file's dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
-    p.add_argument("--lean", action="store_true",
+    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="decode blocks as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in one "
-                        "kernel, residual adds inside the GEMMs (CUDA; ~2%% faster at batch 64 on an H100)")
+                        "kernel, residual adds inside the GEMMs (~2%% faster at batch 64 on an H100). Default: lean "
+                        "with --compile on CUDA; --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
-                   help="with --lean: norm weights folded into copies of wqkv and w1|w3 (~5%% faster at batch 64, "
-                        "extra memory of those weights)")
+                   help="the lean path with norm weights folded into copies of wqkv and w1|w3 (~5%% faster at "
+                        "batch 64, extra memory of those weights)")
     p.add_argument("--batched", action="store_true", help="all prompts in one batch; print each text at the end")
     p.add_argument("--no-bos", dest="bos", action="store_false", help="don't start prompts with end-of-text")
     p.add_argument("--no-echo", dest="echo", action="store_false", help="print only the generated text")
@@ -177,8 +178,8 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
-    if a.fold_norms and not a.lean:
-        raise UsageError("--fold-norms folds the norms for the lean decode blocks: add --lean")
+    if a.fold_norms and a.lean is False:
+        raise UsageError("--fold-norms folds the norms for the lean decode blocks: drop --no-lean")
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {a.max_new_tokens} must be >= 1")
     prompts = read_prompts(a)
@@ -203,10 +204,10 @@ def run(a) -> int:
               generator=gen, vocab_size=vocab)
     batch = len(ids) if a.batched else 1
     runner = make_runner(model, batch, max(map(len, ids)) + a.max_new_tokens, C)
-    if a.lean:
+    if a.lean or a.fold_norms:
         runner.lean_linears(fold_norms=a.fold_norms)
     if a.compile:
-        runner.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
+        runner.compile_step(mode="reduce-overhead" if device.type == "cuda" else None, lean=a.lean)
     out = sys.stdout
     many = len(prompts) > 1
     t0, produced = time.perf_counter(), 0

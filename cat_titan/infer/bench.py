@@ -55,12 +55,14 @@ class SpeedConfig:
     fused_linear: bool = False
     """Each block's linears with their norm, SwiGLU and residual as ``decode_linear`` kernels
     (``Runner.fuse_linears``; CUDA, else the same ops unfused)."""
-    lean: bool = False
+    lean: Optional[bool] = None
     """Each block as the lean path (``Runner.lean_linears``: cuBLAS matmuls, RoPE + cache writes
-    + attention in one kernel, residual adds inside the GEMMs; CUDA, else the same ops)."""
+    + attention in one kernel, residual adds inside the GEMMs; CUDA, else the same ops).
+    None: lean where the step is compiled on CUDA (``Runner.compile_step``), the model's ops
+    elsewhere; False: the model's ops everywhere."""
     fold_norms: bool = False
-    """With fused_linear or lean: the norm weights folded into wqkv, w1|w3 (and the fused
-    head) (extra memory)."""
+    """With fused_linear or the lean path (lean not False): the norm weights folded into
+    wqkv, w1|w3 (and the fused head) (extra memory)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -80,8 +82,8 @@ class SpeedConfig:
             raise ValueError("autotune needs compile (it is a torch.compile mode)")
         if self.fused_linear and self.lean:
             raise ValueError("fused_linear and lean are two decode paths; choose one")
-        if self.fold_norms and not (self.fused_linear or self.lean):
-            raise ValueError("fold_norms needs fused_linear or lean")
+        if self.fold_norms and not self.fused_linear and self.lean is False:
+            raise ValueError("fold_norms needs fused_linear or the lean path (lean=True or None)")
         if self.graph_mode not in ("trees", "runner"):
             raise ValueError(f"graph_mode={self.graph_mode!r}: choose 'trees' (torch.compile's CUDA graphs) or "
                              f"'runner' (captured by the runner)")
@@ -117,11 +119,11 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
                          attend_bucket=cfg.attend_bucket)
     if cfg.fused_linear:
         runner.fuse_linears(fold_norms=cfg.fold_norms)
-    if cfg.lean:
+    elif cfg.lean or cfg.fold_norms:
         runner.lean_linears(fold_norms=cfg.fold_norms)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
-        runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune)
+        runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune, lean=cfg.lean)
     return runner
 
 
@@ -171,7 +173,8 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                 graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
-                fused_linear=cfg.fused_linear, lean=cfg.lean, fold_norms=cfg.fold_norms, seconds=sec,
+                fused_linear=cfg.fused_linear, lean="lean" in runner.decode_paths, fold_norms=cfg.fold_norms,
+                decode_paths="+".join(sorted(set(runner.decode_paths))), seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

@@ -385,6 +385,11 @@ class Runner(nn.Module):
             self._fold()  # reads fused_head: set before
         return [p == path for p in self._path]
 
+    @property
+    def decode_paths(self) -> tuple[str, ...]:
+        """Per layer, how its block runs in a decode step: 'ops', 'fused' or 'lean'."""
+        return tuple(self._path)
+
     @staticmethod
     def _fusable(layer: nn.Module) -> bool:
         attn = layer.attention
@@ -448,7 +453,8 @@ class Runner(nn.Module):
         graph.replay()
         return out
 
-    def compile_step(self, mode: Optional[str] = None, autotune: bool = False, **kw) -> None:
+    def compile_step(self, mode: Optional[str] = None, autotune: bool = False, lean: Optional[bool] = None,
+                     **kw) -> None:
         """Compile the decode step (static shapes; one graph per step variant).
 
         mode='reduce-overhead': torch.compile's CUDA graphs (cudagraph trees; the caches are
@@ -456,12 +462,17 @@ class Runner(nn.Module):
         CUDA graphs, each step variant captured by the runner itself (``_replay``), which
         skips dynamo's guards and the cudagraph trees' checks on every step.
         autotune: inductor's max-autotune (times Triton GEMM templates against cuBLAS for each
-        of the step's matmul shapes; longer compilation)."""
+        of the step's matmul shapes; longer compilation).
+        lean: when no decode path was chosen before (every block on the model's ops), run the
+        blocks as the lean path (``lean_linears``, no folded norms). None: on CUDA, where it is
+        the faster step (docs/benchmarks.md, session 18); False: keep the model's ops."""
         if autotune and mode not in (None, "graphs", "reduce-overhead"):
             raise ValueError(f"autotune=True sets the compile mode itself; got mode={mode!r}")
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             self.fuse_weights()
+        if (lean or (lean is None and device.type == "cuda")) and all(p == "ops" for p in self._path):
+            self.lean_linears()
         if mode == "graphs":
             if device.type != "cuda":
                 raise ValueError(f"compile_step(mode='graphs') captures CUDA graphs, but the model is on {device}; "

@@ -307,3 +307,28 @@ def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {
         "rope_attention-False": ["K", "Out", "V"], "rope_attention-True": ["K", "Out", "V"],
         "swiglu_rows": ["Out"], "decode_attention": ["Out"]}
+
+
+def test_compile_step_takes_the_lean_path_only_where_none_was_chosen():
+    """compile_step(lean=...): None runs the lean blocks on CUDA only (on CUDA:
+    test_generate_cuda.py), so on CPU the model's ops stay; True makes every fusable block
+    lean, the others keep their ops; a path chosen before (fused, lean with folded norms) is
+    kept, and lean=False never changes one. torch.compile is lazy: nothing compiles here."""
+    def runner(name, before=None, **kw):
+        model = debug_model(name)
+        r = make_runner(model, 2, 32, model.args.chunk_size)
+        if before:
+            before(r)
+        r.compile_step(**kw)
+        return r
+
+    assert set(runner("debug-cat").decode_paths) == {"ops"}
+    assert set(runner("debug-cat", lean=False).decode_paths) == {"ops"}
+    assert set(runner("debug-cat", lean=True).decode_paths) == {"lean"}
+    hybrid = runner("debug-hybrid", lean=True)
+    assert set(hybrid.decode_paths) == {"lean", "ops"}
+    assert all((p == "lean") == (k == "dense") for p, k in zip(hybrid.decode_paths, hybrid.kinds))
+    assert set(runner("debug-cat-layer", lean=True).decode_paths) == {"ops"}  # CAT layers: not fusable
+    assert set(runner("debug-cat", lambda r: r.fuse_linears(), lean=True).decode_paths) == {"fused"}
+    folded = runner("debug-cat", lambda r: r.lean_linears(fold_norms=True), lean=False)
+    assert set(folded.decode_paths) == {"lean"} and folded._folded_qkv[0] is not None

@@ -47,18 +47,27 @@ def test_cuda_cached_equals_full_forward(name, chunk):
         assert tokens[b].tolist() == want
 
 
-@pytest.mark.parametrize("name,chunk,mode", [("debug-cat-adaptive", 2, None), ("debug-hybrid", None, None),
-                                             ("debug-cat", None, "reduce-overhead"),
-                                             ("debug-cat-adaptive", 4, "reduce-overhead"),
-                                             ("debug-cat", None, "graphs"), ("debug-cat-adaptive", 4, "graphs"),
-                                             ("debug-hybrid", None, "graphs"), ("debug-dense", None, "graphs")])
-def test_cuda_compiled_step_equals_eager(name, chunk, mode):
+@pytest.mark.parametrize("name,chunk,mode,lean", [("debug-cat-adaptive", 2, None, None),
+                                                  ("debug-hybrid", None, None, None),
+                                                  ("debug-cat", None, "reduce-overhead", None),
+                                                  ("debug-cat-adaptive", 4, "reduce-overhead", None),
+                                                  ("debug-cat", None, "graphs", None),
+                                                  ("debug-cat-adaptive", 4, "graphs", None),
+                                                  ("debug-hybrid", None, "graphs", None),
+                                                  ("debug-dense", None, "graphs", None),
+                                                  ("debug-cat", None, "graphs", False),
+                                                  ("debug-cat-adaptive", 4, "reduce-overhead", False),
+                                                  ("debug-hybrid", None, "graphs", False)])
+def test_cuda_compiled_step_equals_eager(name, chunk, mode, lean):
+    """The compiled step on CUDA: by default its blocks run the lean path (the model's CAT
+    layers keep their ops); lean=False: the model's ops. Tokens equal eager, logits to 1e-4."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=9)
     want = generate(model, prompts, 24, chunk_size=chunk)
     C = chunk or model.args.chunk_size
     runner = make_runner(model, len(prompts), 13 + 24, C)
-    runner.compile_step(mode=mode)
+    runner.compile_step(mode=mode, lean=lean)
+    assert ("lean" in runner.decode_paths) == (lean is None), runner.decode_paths
     steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
     assert torch.stack([s.tokens for s in steps], 1).tolist() == want
     # logits kept across steps stay valid (CUDA graphs reuse their output buffers)
@@ -115,10 +124,11 @@ def test_cuda_lean_blocks_equal_eager(name, chunk, mode, fold):
     check_runner_generation(name, chunk, mode, fuse=False, lean=(fold,))
 
 
-def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, lean=None):
-    """A runner's generation (fused linears; fuse=False: its default step) against eager
-    generation by the model: tokens equal, logits to 1e-4, twice (the second run replays the
-    graphs). after_reference() runs between the two (test_pdl.py: turns PDL launches on)."""
+def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, lean=None, default_lean=None):
+    """A runner's generation (fused linears; fuse=False: its default step, lean where compiled
+    unless default_lean is False) against eager generation by the model: tokens equal, logits
+    to 1e-4, twice (the second run replays the graphs). after_reference() runs between the two
+    (test_pdl.py: turns PDL launches on)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))
@@ -131,7 +141,7 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
     if lean is not None:
         assert any(runner.lean_linears(fold_norms=lean[0]))
     if mode is not None:
-        runner.compile_step(mode=mode)
+        runner.compile_step(mode=mode, lean=default_lean)
     for _ in range(2):  # the second run replays the graphs on new cache contents
         steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
         assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]

@@ -205,11 +205,13 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.usefixtures("exact_matmuls")
+@pytest.mark.parametrize("lean", [None, False])
 @pytest.mark.parametrize("mode", ["wait", "late"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-dense", None), ("debug-hybrid", None)])
-def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
-    """The default (unfused) step as ``bench_generate --pdl`` runs it: the decode attention
-    kernel with PDL launches and inductor's own kernels with its PDL switch, in CUDA graphs."""
+def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode, lean):
+    """The unfused step as ``bench_generate --pdl`` runs it, in CUDA graphs: inductor's own
+    kernels with its PDL switch; lean=None, the default, with the lean blocks (their kernels
+    launch without PDL); lean=False, the model's ops with the decode attention kernel's PDL launches."""
     import torch._inductor.config as inductor_config
 
     from .test_generate_cuda import check_runner_generation
@@ -220,7 +222,8 @@ def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode):
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip(f"torch {torch.__version__}: inductor has no triton.enable_pdl")
     with inductor_config.patch({"triton.enable_pdl": True}):
-        check_runner_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False)
+        check_runner_generation(name, chunk, "graphs", after_reference=lambda: pdl.set_mode(mode), fuse=False,
+                                default_lean=lean)
 
 
 def test_device_support_is_a_constant_in_a_compiled_step(monkeypatch):

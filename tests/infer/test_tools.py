@@ -128,9 +128,11 @@ def test_generate_streams_what_generate_returns(study, capsys):
     texts = [tok.decode([t for t in r if t != tok.eot_id]) for r in rows]
     assert out == "".join(("\n" if i else "") + f"=== [{i + 1}/2] ===\n{t}\n" for i, t in enumerate(texts))
 
-    # --lean (the lean decode blocks, their reference ops on CPU): the same texts
-    assert _tool("generate").main(argv + ["--batched", "--no-echo", "--lean"]) == 0
-    assert capsys.readouterr().out == out
+    # --lean (the lean decode blocks, their reference ops on CPU), with folded norms, and
+    # --no-lean: the same texts
+    for flags in (["--lean"], ["--fold-norms"], ["--no-lean"]):
+        assert _tool("generate").main(argv + ["--batched", "--no-echo", *flags]) == 0, flags
+        assert capsys.readouterr().out == out, flags
 
 
 def test_generate_cli_subprocess_and_errors(study, capsys, tmp_path):
@@ -159,7 +161,7 @@ def test_generate_cli_subprocess_and_errors(study, capsys, tmp_path):
         ([str(path), "--prompt", "y" * 250, "--max-new-tokens", "10"], "block_size 256"),
         ([str(path)], "no prompt given"),
         ([str(path), "--prompt", "x", "--tokenizer", "nope"], "unknown tokenizer spec"),
-        ([str(path), "--prompt", "x", "--fold-norms"], "add --lean"),
+        ([str(path), "--prompt", "x", "--fold-norms", "--no-lean"], "drop --no-lean"),
         ([str(path), "--prompt", "x", "--max-new-tokens", "5", "--tokenizer", str(big)],
          "has 300 tokens but the model's vocab_size is 257"),
     ]
