@@ -71,7 +71,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
                       attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, lean=a.lean,
-                      fold_norms=a.fold_norms)
+                      fold_norms=a.fold_norms, tuned_gemms=a.tuned_gemms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -125,10 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="each block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention as one "
                         "kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block). "
-                        "Default: lean where the step is compiled on CUDA; --no-lean: the model's ops")
+                        "Default: lean where the step is compiled on CUDA if cat_titan.infer.runners."
+                        "LEAN_BY_DEFAULT (not yet: its CUDA suites are to run first); --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
                    help="with --fused-linear or the lean path: the norm weights folded into copies of wqkv, w1|w3 "
                         "(and with --fused-linear the head), so the kernels apply only the norm's row scale")
+    p.add_argument("--tuned-gemms", action="store_true",
+                   help="the lean path's matmuls (and the head's) as cuBLASLt algorithms timed per shape at the "
+                        "first step (cat_titan.infer.lt_gemm; experimental)")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
@@ -162,6 +166,8 @@ def main(argv=None) -> int:
         p.error("--fused-linear and --lean are two decode paths; choose one")
     if a.fold_norms and not a.fused_linear and a.lean is False:
         p.error("--fold-norms needs --fused-linear or the lean path: drop --no-lean")
+    if a.tuned_gemms and (a.fused_linear or a.lean is False):
+        p.error("--tuned-gemms runs the lean path's matmuls: drop --fused-linear / --no-lean")
     if a.linear_config is not None:
         if not a.fused_linear:
             p.error("--linear-config needs --fused-linear")
@@ -197,12 +203,19 @@ def main(argv=None) -> int:
         del model
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+        if a.tuned_gemms:
+            from cat_titan.infer.lt_gemm import plans
+
+            for shape, t in plans().items():
+                print(f"    gemm M={shape.M} N={shape.N} K={shape.K} accumulate={shape.accumulate}: {t}",
+                      file=sys.stderr)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     paths = "/".join(sorted({r["decode_paths"] for r in rows}))  # per model: "lean", "ops", "lean+ops" (hybrids)
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, decode paths {paths} "
-          f"(norms folded {a.fold_norms}), pdl {a.pdl}, blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
+          f"(norms folded {a.fold_norms}, tuned gemms {a.tuned_gemms}), pdl {a.pdl}, blas {blas}, "
+          f"prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:
         from cat_titan.infer.profiling import write_index

@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                    help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="generation with the lean decode blocks (bench_generate --lean; cat_titan.infer.decode_block; "
-                        "bench_generate's default on CUDA); --no-lean: the model's ops")
+                        "no flag: bench_generate's default, runners.LEAN_BY_DEFAULT); --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
                    help="with the lean path or --fused-linear: norm weights folded into copies of wqkv and w1|w3 "
                         "(faster, more memory: it counts in the batch-320 memory ratio too)")

@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="decode blocks as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in one "
                         "kernel, residual adds inside the GEMMs (~2%% faster at batch 64 on an H100). Default: lean "
-                        "with --compile on CUDA; --no-lean: the model's ops")
+                        "with --compile on CUDA if cat_titan.infer.runners.LEAN_BY_DEFAULT (not yet); --no-lean: the "
+                        "model's ops")
     p.add_argument("--fold-norms", action="store_true",
                    help="the lean path with norm weights folded into copies of wqkv and w1|w3 (~5%% faster at "
                         "batch 64, extra memory of those weights)")

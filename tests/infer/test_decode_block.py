@@ -310,10 +310,11 @@ def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
 
 
 def test_compile_step_takes_the_lean_path_only_where_none_was_chosen():
-    """compile_step(lean=...): None runs the lean blocks on CUDA only (on CUDA:
-    test_generate_cuda.py), so on CPU the model's ops stay; True makes every fusable block
-    lean, the others keep their ops; a path chosen before (fused, lean with folded norms) is
-    kept, and lean=False never changes one. torch.compile is lazy: nothing compiles here."""
+    """compile_step(lean=...): None runs the lean blocks on CUDA only, and only if
+    runners.LEAN_BY_DEFAULT (on CUDA: test_generate_cuda.py), so on CPU the model's ops stay;
+    True makes every fusable block lean, the others keep their ops; a path chosen before
+    (fused, lean with folded norms) is kept, and lean=False never changes one. torch.compile
+    is lazy: nothing compiles here."""
     def runner(name, before=None, **kw):
         model = debug_model(name)
         r = make_runner(model, 2, 32, model.args.chunk_size)

@@ -57,17 +57,25 @@ def test_cuda_cached_equals_full_forward(name, chunk):
                                                   ("debug-dense", None, "graphs", None),
                                                   ("debug-cat", None, "graphs", False),
                                                   ("debug-cat-adaptive", 4, "reduce-overhead", False),
-                                                  ("debug-hybrid", None, "graphs", False)])
+                                                  ("debug-hybrid", None, "graphs", False),
+                                                  ("debug-cat", None, "reduce-overhead", True),
+                                                  ("debug-cat-adaptive", 4, "reduce-overhead", True),
+                                                  ("debug-cat-adaptive", 4, "graphs", True),
+                                                  ("debug-hybrid", None, "reduce-overhead", True),
+                                                  ("debug-dense", None, "graphs", True)])
 def test_cuda_compiled_step_equals_eager(name, chunk, mode, lean):
-    """The compiled step on CUDA: by default its blocks run the lean path (the model's CAT
-    layers keep their ops); lean=False: the model's ops. Tokens equal eager, logits to 1e-4."""
+    """The compiled step on CUDA, its blocks as the default (lean=None: the lean path if
+    runners.LEAN_BY_DEFAULT), the lean path (True; the model's CAT layers keep their ops) or
+    the model's ops (False). Tokens equal eager, logits to 1e-4."""
+    from cat_titan.infer.runners import LEAN_BY_DEFAULT
+
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=9)
     want = generate(model, prompts, 24, chunk_size=chunk)
     C = chunk or model.args.chunk_size
     runner = make_runner(model, len(prompts), 13 + 24, C)
     runner.compile_step(mode=mode, lean=lean)
-    assert ("lean" in runner.decode_paths) == (lean is None), runner.decode_paths
+    assert ("lean" in runner.decode_paths) == (lean or (lean is None and LEAN_BY_DEFAULT)), runner.decode_paths
     steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
     assert torch.stack([s.tokens for s in steps], 1).tolist() == want
     # logits kept across steps stay valid (CUDA graphs reuse their output buffers)
@@ -124,11 +132,19 @@ def test_cuda_lean_blocks_equal_eager(name, chunk, mode, fold):
     check_runner_generation(name, chunk, mode, fuse=False, lean=(fold,))
 
 
+@pytest.mark.parametrize("mode", [None, "graphs", "reduce-overhead"])
+@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-hybrid", None)])
+def test_cuda_lean_blocks_with_tuned_gemms_equal_eager(name, chunk, mode):
+    """Lean blocks whose matmuls run lt_gemm's timed cuBLASLt algorithms (fp32), eager and in
+    both kinds of CUDA graphs: the unfused eager tokens, logits to 1e-4."""
+    check_runner_generation(name, chunk, mode, fuse=False, lean=(False, True))
+
+
 def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, lean=None, default_lean=None):
-    """A runner's generation (fused linears; fuse=False: its default step, lean where compiled
-    unless default_lean is False) against eager generation by the model: tokens equal, logits
-    to 1e-4, twice (the second run replays the graphs). after_reference() runs between the two
-    (test_pdl.py: turns PDL launches on)."""
+    """A runner's generation (fused linears; fuse=False: its default step, or with
+    default_lean given, compile_step(lean=default_lean)) against eager generation by the model:
+    tokens equal, logits to 1e-4, twice (the second run replays the graphs). after_reference()
+    runs between the two (test_pdl.py: turns PDL launches on)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))
@@ -138,8 +154,8 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
     if fuse:
         fused = runner.fuse_linears()
         assert any(fused) and runner.fused_head
-    if lean is not None:
-        assert any(runner.lean_linears(fold_norms=lean[0]))
+    if lean is not None:  # (fold_norms, tuned_gemms=False)
+        assert any(runner.lean_linears(*lean))
     if mode is not None:
         runner.compile_step(mode=mode, lean=default_lean)
     for _ in range(2):  # the second run replays the graphs on new cache contents

@@ -205,13 +205,13 @@ def test_cuda_generation_with_pdl_equals_eager(name, chunk, graphs, mode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.usefixtures("exact_matmuls")
-@pytest.mark.parametrize("lean", [None, False])
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("mode", ["wait", "late"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-dense", None), ("debug-hybrid", None)])
 def test_cuda_unfused_generation_with_pdl_equals_eager(name, chunk, mode, lean):
     """The unfused step as ``bench_generate --pdl`` runs it, in CUDA graphs: inductor's own
-    kernels with its PDL switch; lean=None, the default, with the lean blocks (their kernels
-    launch without PDL); lean=False, the model's ops with the decode attention kernel's PDL launches."""
+    kernels with its PDL switch; lean=True with the lean blocks (their kernels launch without
+    PDL); lean=False, the model's ops with the decode attention kernel's PDL launches."""
     import torch._inductor.config as inductor_config
 
     from .test_generate_cuda import check_runner_generation
