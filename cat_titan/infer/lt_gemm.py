@@ -108,7 +108,6 @@ class Plan:
         lib = _library()
         self.shape = shape
         self.handle = _handle(shape.device)
-        self._keep = []  # ctypes objects whose addresses the descriptors hold
         self.desc = self._new(lib.cublasLtMatmulDescCreate, _COMPUTE_32F, 0)  # fp32 compute and scale
         for attr, op in ((_DESC_TRANSA, 1), (_DESC_TRANSB, 0)):
             v = ctypes.c_int32(op)
@@ -123,7 +122,7 @@ class Plan:
         _check(lib.cublasLtMatmulPreferenceSetAttribute(self.pref, _PREF_MAX_WORKSPACE, ctypes.byref(ws), 8),
                "preference")
         self.algo: Optional[_Heuristic] = None
-        self.workspace = torch.empty(_WORKSPACE, dtype=torch.uint8, device=f"cuda:{shape.device}")
+        self.workspace = _workspace(shape.device)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if shape.accumulate else 0.0)
 
     @staticmethod
@@ -150,6 +149,7 @@ class Plan:
 
 
 _handles: dict[int, ctypes.c_void_p] = {}
+_workspaces: dict[int, Tensor] = {}
 _plans: dict[Shape, Optional[Plan]] = {}
 _timings: dict[Shape, dict] = {}
 
@@ -161,6 +161,14 @@ def _handle(device: int) -> ctypes.c_void_p:
             _check(_library().cublasLtCreate(ctypes.byref(h)), "create")
         _handles[device] = h
     return _handles[device]
+
+
+def _workspace(device: int) -> Tensor:
+    """One cuBLASLt workspace per device, shared by every plan: the plans of a step run one
+    after another on one stream, as cuBLAS's own calls share its workspace."""
+    if device not in _workspaces:
+        _workspaces[device] = torch.empty(_WORKSPACE, dtype=torch.uint8, device=f"cuda:{device}")
+    return _workspaces[device]
 
 
 def plans() -> dict[Shape, dict]:
