@@ -131,8 +131,8 @@ def main(argv=None) -> int:
                    help="with --fused-linear or the lean path: the norm weights folded into copies of wqkv, w1|w3 "
                         "(and with --fused-linear the head), so the kernels apply only the norm's row scale")
     p.add_argument("--tuned-gemms", action="store_true",
-                   help="the lean path's matmuls (and the head's) as cuBLASLt algorithms timed per shape at the "
-                        "first step (cat_titan.infer.lt_gemm; experimental)")
+                   help="the lean path's matmuls (and the head's) as cuBLASLt algorithms timed per shape before the "
+                        "first step (cat_titan.infer.lt_gemm; experimental, not yet run on a GPU)")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")

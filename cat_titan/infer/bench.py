@@ -58,8 +58,8 @@ class SpeedConfig:
     lean: Optional[bool] = None
     """Each block as the lean path (``Runner.lean_linears``: cuBLAS matmuls, RoPE + cache writes
     + attention in one kernel, residual adds inside the GEMMs; CUDA, else the same ops).
-    None: lean where the step is compiled on CUDA (``Runner.compile_step``), the model's ops
-    elsewhere; False: the model's ops everywhere."""
+    None: ``Runner.compile_step``'s default (lean where compiled on CUDA if
+    ``runners.LEAN_BY_DEFAULT``, the model's ops elsewhere); False: the model's ops."""
     fold_norms: bool = False
     """With fused_linear or the lean path (lean not False): the norm weights folded into
     wqkv, w1|w3 (and the fused head) (extra memory)."""

@@ -53,7 +53,8 @@ class StepOutput:
     """(B,) the token each row sampled at this step."""
     alive: Tensor
     """(B,) bool: the row had not stopped before this step, so the token is part of its output
-    (a row's eos token is alive; everything a row samples after it is not)."""
+    (a row's eos token is alive; everything a row samples after it is not). Without an eos id
+    every step yields the same all-true tensor: read it, don't modify it in place."""
     logits: Tensor
     """(B, V_padded) the logits the tokens were chosen from."""
 
