@@ -86,7 +86,7 @@ def jobs(a) -> list[Job]:
     fused = (["--fused-linear"] if a.fused_linear else []) + (
         ["--linear-config", str(a.linear_config)] if a.linear_config else []) + (
         ["--pdl", a.pdl] if a.pdl != "off" else []) + ({True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (
-        ["--fold-norms"] if a.fold_norms else [])
+        ["--fold-norms"] if a.fold_norms else []) + (["--tuned-gemms"] if a.tuned_gemms else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),
@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--fold-norms", action="store_true",
                    help="with the lean path or --fused-linear: norm weights folded into copies of wqkv and w1|w3 "
                         "(faster, more memory: it counts in the batch-320 memory ratio too)")
+    p.add_argument("--tuned-gemms", action="store_true",
+                   help="generation with the lean path's GEMMs as timed cuBLASLt algorithms (bench_generate "
+                        "--tuned-gemms; cat_titan.infer.lt_gemm; experimental)")
     p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
                    help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
@@ -274,6 +277,8 @@ def main(argv=None) -> int:
         p.error("--lean and --fused-linear are two decode paths; choose one")
     if a.fold_norms and not a.fused_linear and a.lean is False:
         p.error("--fold-norms needs the lean path or --fused-linear: drop --no-lean")
+    if a.tuned_gemms and (a.fused_linear or a.lean is False):
+        p.error("--tuned-gemms runs the lean path's matmuls: drop --fused-linear / --no-lean")
     if a.linear_config and not a.linear_config.is_file():
         p.error(f"--linear-config {a.linear_config}: no such file (write it with tools/bench_attention.py "
                 "--decode-linear --write-config FILE)")
