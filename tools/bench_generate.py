@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402
 from cat_titan.infer import pdl  # noqa: E402
 from cat_titan.infer.bench import SpeedConfig, build_runner, measure_generation, random_prompts  # noqa: E402
 from cat_titan.models.registry import build_model, get_preset  # noqa: E402
@@ -122,17 +123,7 @@ def main(argv=None) -> int:
                    help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
                         "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
                         "tiles; see --linear-config)")
-    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
-                   help="each block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention as one "
-                        "kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block). "
-                        "Default: lean where the step is compiled on CUDA if cat_titan.infer.runners."
-                        "LEAN_BY_DEFAULT (not yet: its CUDA suites are to run first); --no-lean: the model's ops")
-    p.add_argument("--fold-norms", action="store_true",
-                   help="with --fused-linear or the lean path: the norm weights folded into copies of wqkv, w1|w3 "
-                        "(and with --fused-linear the head), so the kernels apply only the norm's row scale")
-    p.add_argument("--tuned-gemms", action="store_true",
-                   help="the lean path's matmuls (and the head's) as cuBLASLt algorithms timed per shape before the "
-                        "first step (cat_titan.infer.lt_gemm; experimental, not yet run on a GPU)")
+    add_decode_path_args(p)
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
                         "--write-config FILE")
@@ -162,12 +153,9 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
-    if a.fused_linear and a.lean:
-        p.error("--fused-linear and --lean are two decode paths; choose one")
-    if a.fold_norms and not a.fused_linear and a.lean is False:
-        p.error("--fold-norms needs --fused-linear or the lean path: drop --no-lean")
-    if a.tuned_gemms and (a.fused_linear or a.lean is False):
-        p.error("--tuned-gemms runs the lean path's matmuls: drop --fused-linear / --no-lean")
+    bad = decode_path_error(a.lean, a.fold_norms, a.tuned_gemms, a.fused_linear)
+    if bad:
+        p.error(bad)
     if a.linear_config is not None:
         if not a.fused_linear:
             p.error("--linear-config needs --fused-linear")

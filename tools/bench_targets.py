@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402  (stdlib only: no torch)
 
 # The issues' reference numbers (one H200 unless stated).
 REF_TRAIN_CAT_C8 = 75.8e3  # reference implementation, cat-150m, chunk 8, tokens/s
@@ -255,15 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--fused-linear", action="store_true", help="generation with cat_titan.infer.decode_linear")
     p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
                    help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
-    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
-                   help="generation with the lean decode blocks (bench_generate --lean; cat_titan.infer.decode_block; "
-                        "no flag: bench_generate's default, runners.LEAN_BY_DEFAULT); --no-lean: the model's ops")
-    p.add_argument("--fold-norms", action="store_true",
-                   help="with the lean path or --fused-linear: norm weights folded into copies of wqkv and w1|w3 "
-                        "(faster, more memory: it counts in the batch-320 memory ratio too)")
-    p.add_argument("--tuned-gemms", action="store_true",
-                   help="generation with the lean path's GEMMs as timed cuBLASLt algorithms (bench_generate "
-                        "--tuned-gemms; cat_titan.infer.lt_gemm; experimental)")
+    add_decode_path_args(p)
     p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
                    help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
@@ -273,12 +267,9 @@ def main(argv=None) -> int:
         p.error(f"--repeat {a.repeat} and --steps {a.steps} must be >= 1 and --warmup {a.warmup} >= 0")
     if a.linear_config and not a.fused_linear:
         p.error("--linear-config needs --fused-linear")
-    if a.lean and a.fused_linear:
-        p.error("--lean and --fused-linear are two decode paths; choose one")
-    if a.fold_norms and not a.fused_linear and a.lean is False:
-        p.error("--fold-norms needs the lean path or --fused-linear: drop --no-lean")
-    if a.tuned_gemms and (a.fused_linear or a.lean is False):
-        p.error("--tuned-gemms runs the lean path's matmuls: drop --fused-linear / --no-lean")
+    bad = decode_path_error(a.lean, a.fold_norms, a.tuned_gemms, a.fused_linear)
+    if bad:
+        p.error(bad)
     if a.linear_config and not a.linear_config.is_file():
         p.error(f"--linear-config {a.linear_config}: no such file (write it with tools/bench_attention.py "
                 "--decode-linear --write-config FILE)")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cat_titan.data.tokenizer import TokenizerError, get_tokenizer  # noqa: E402
+from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402
 from cat_titan.export import ExportError  # noqa: E402
 from cat_titan.infer import generate, make_runner, stream  # noqa: E402
 from cat_titan.infer.generate import runner_chunk_size  # noqa: E402
@@ -158,14 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "stored", *DTYPES],
                    help="auto: bf16 on CUDA, fp32 elsewhere; stored: the file's dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
-    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode blocks as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in one "
-                        "kernel, residual adds inside the GEMMs (~2%% faster at batch 64 on an H100). Default: lean "
-                        "with --compile on CUDA if cat_titan.infer.runners.LEAN_BY_DEFAULT (not yet); --no-lean: the "
-                        "model's ops")
-    p.add_argument("--fold-norms", action="store_true",
-                   help="the lean path with norm weights folded into copies of wqkv and w1|w3 (~5%% faster at "
-                        "batch 64, extra memory of those weights)")
+    add_decode_path_args(p, fused=False, tuned=False)
     p.add_argument("--batched", action="store_true", help="all prompts in one batch; print each text at the end")
     p.add_argument("--no-bos", dest="bos", action="store_false", help="don't start prompts with end-of-text")
     p.add_argument("--no-echo", dest="echo", action="store_false", help="print only the generated text")
@@ -179,8 +173,9 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
-    if a.fold_norms and a.lean is False:
-        raise UsageError("--fold-norms folds the norms for the lean decode blocks: drop --no-lean")
+    bad = decode_path_error(a.lean, a.fold_norms)
+    if bad:
+        raise UsageError(bad)
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {a.max_new_tokens} must be >= 1")
     prompts = read_prompts(a)

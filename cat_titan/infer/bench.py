@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from ..decode_flags import FIELDS, decode_path_error
 from ..parallel.parallelize import compiled_graphs
 from .generate import generate, runner_chunk_size
 from .runners import Runner, make_runner
@@ -82,12 +83,9 @@ class SpeedConfig:
             raise ValueError("cuda_graphs needs compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
         if self.autotune and not self.compile:
             raise ValueError("autotune needs compile (it is a torch.compile mode)")
-        if self.fused_linear and self.lean:
-            raise ValueError("fused_linear and lean are two decode paths; choose one")
-        if self.fold_norms and not self.fused_linear and self.lean is False:
-            raise ValueError("fold_norms needs fused_linear or the lean path (lean=True or None)")
-        if self.tuned_gemms and (self.fused_linear or self.lean is False):
-            raise ValueError("tuned_gemms runs the lean path's matmuls: it needs lean=True or None, no fused_linear")
+        bad = decode_path_error(self.lean, self.fold_norms, self.tuned_gemms, self.fused_linear, FIELDS)
+        if bad:
+            raise ValueError(bad)
         if self.graph_mode not in ("trees", "runner"):
             raise ValueError(f"graph_mode={self.graph_mode!r}: choose 'trees' (torch.compile's CUDA graphs) or "
                              f"'runner' (captured by the runner)")
