@@ -252,19 +252,27 @@ def prepare(rows: int, w: Tensor, accumulate: bool) -> None:
     shapes before any step runs, so no tuning happens inside a graph's warm-up or capture)."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("lt_gemm.prepare times GEMMs in CUDA graphs of its own; call it outside a capture")
-    _plan(w.new_empty(rows, w.shape[1]), w, accumulate)
+    if _runs_on_lt(w, w.dtype):
+        _plan_for(Shape(rows, w.shape[0], w.shape[1], accumulate, w.dtype, w.device.index))
 
 
-def _plan(x: Tensor, w: Tensor, accumulate: bool) -> Optional[Plan]:
-    if not (x.is_cuda and w.is_cuda and x.dtype in _CUDA_TYPE and w.dtype == x.dtype and x.dim() == 2
-            and w.dim() == 2 and x.is_contiguous() and w.is_contiguous()):
-        return None
-    shape = Shape(x.shape[0], w.shape[0], w.shape[1], accumulate, x.dtype, x.device.index)
+def _runs_on_lt(t: Tensor, dtype: torch.dtype) -> bool:
+    """An operand cuBLASLt takes here: a contiguous 2-d CUDA tensor of ``dtype``, one it has a type for."""
+    return t.is_cuda and t.dtype == dtype and dtype in _CUDA_TYPE and t.dim() == 2 and t.is_contiguous()
+
+
+def _plan_for(shape: Shape) -> Optional[Plan]:
     if shape not in _plans:
         if torch.cuda.is_current_stream_capturing():
             return None  # no timing inside a capture: torch's GEMM for this graph
         _plans[shape] = tune(shape)
     return _plans[shape]
+
+
+def _plan(x: Tensor, w: Tensor, accumulate: bool) -> Optional[Plan]:
+    if not (_runs_on_lt(x, x.dtype) and _runs_on_lt(w, x.dtype)):
+        return None
+    return _plan_for(Shape(x.shape[0], w.shape[0], w.shape[1], accumulate, x.dtype, x.device.index))
 
 
 @torch.library.custom_op("cat_titan::lt_linear", mutates_args=())

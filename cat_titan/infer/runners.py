@@ -380,12 +380,13 @@ class Runner(nn.Module):
         before ``compile_step``. tuned_gemms: the blocks' matmuls and the head's as cuBLASLt
         algorithms timed per shape (``lt_gemm``; experimental)."""
         self.fused_head = False
-        self.tuned_gemms = tuned_gemms
-        return self._set_path("lean", fold_norms)
+        return self._set_path("lean", fold_norms, tuned_gemms)
 
-    def _set_path(self, path: str, fold_norms: bool) -> list[bool]:
+    def _set_path(self, path: str, fold_norms: bool, tuned_gemms: bool = False) -> list[bool]:
         """Every block that can (``_fusable``, w1|w3 fusable) runs as ``path``, the others as the
-        model's ops; the captured graphs and folded weights are redone. Returns which run as path."""
+        model's ops; the captured graphs and folded weights are redone, and tuned GEMMs are on
+        only if asked (so a fused runner never tunes a lean runner's shapes). Returns which run as path."""
+        self.tuned_gemms = tuned_gemms
         self.fuse_weights()
         self._path[:] = [path if self._fusable(layer) and g is not None else "ops"
                          for layer, g in zip(self.model.layers, self._gate_up)]

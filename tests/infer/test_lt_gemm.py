@@ -108,3 +108,5 @@ def test_runner_prepares_every_shape_its_lean_steps_run(monkeypatch, name, adapt
     want.append((3, model.head.output.weight, False))
     assert any(lean) and len(calls) == len(want)
     assert all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(calls, want))
+    runner.fuse_linears()  # another path: nothing of the lean runner's left to tune
+    assert not runner.tuned_gemms
