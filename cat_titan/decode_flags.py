@@ -11,15 +11,13 @@ import argparse
 from typing import Optional
 
 # How each option is named in a message: as a flag, or as a SpeedConfig field.
-FLAGS = dict(fused="--fused-linear", lean="--lean", fold="--fold-norms", tuned="--tuned-gemms",
-             not_lean="drop --no-lean", not_fused="drop --fused-linear")
-FIELDS = dict(fused="fused_linear", lean="lean", fold="fold_norms", tuned="tuned_gemms",
-              not_lean="set lean=True or None", not_fused="set fused_linear=False")
+FLAGS = dict(fused="--fused-linear", lean="--lean", fold="--fold-norms", not_lean="drop --no-lean")
+FIELDS = dict(fused="fused_linear", lean="lean", fold="fold_norms", not_lean="set lean=True or None")
 
 
-def add_decode_path_args(p: argparse.ArgumentParser, fused: bool = True, tuned: bool = True) -> None:
-    """--lean/--no-lean, --fold-norms and (tuned) --tuned-gemms; ``fused``: the tool also has
-    --fused-linear (its own flag), which the help texts then mention."""
+def add_decode_path_args(p: argparse.ArgumentParser, fused: bool = True) -> None:
+    """--lean/--no-lean and --fold-norms; ``fused``: the tool also has --fused-linear (its own
+    flag), which the help texts then mention."""
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="each decode block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in "
                         "one kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block; "
@@ -31,13 +29,9 @@ def add_decode_path_args(p: argparse.ArgumentParser, fused: bool = True, tuned: 
                         "into copies of wqkv and w1|w3" + (" (--fused-linear: and the head)" if fused else "") +
                         ": the kernels apply only the norm's row scale; ~5%% faster at batch 64, more memory (it "
                         "counts in the batch-320 memory ratio)")
-    if tuned:
-        p.add_argument("--tuned-gemms", action="store_true",
-                       help="the lean path's matmuls and the head's as cuBLASLt algorithms timed per shape before "
-                            "the first step (cat_titan.infer.lt_gemm; experimental, not yet run on a GPU)")
 
 
-def decode_path_error(lean: Optional[bool], fold_norms: bool, tuned_gemms: bool = False, fused_linear: bool = False,
+def decode_path_error(lean: Optional[bool], fold_norms: bool, fused_linear: bool = False,
                       names: dict = FLAGS) -> Optional[str]:
     """What is wrong with this combination (None: nothing), in ``names``' spelling (FLAGS or FIELDS)."""
     n = names
@@ -45,7 +39,4 @@ def decode_path_error(lean: Optional[bool], fold_norms: bool, tuned_gemms: bool 
         return f"{n['fused']} and {n['lean']} are two decode paths; choose one"
     if fold_norms and not fused_linear and lean is False:
         return f"{n['fold']} folds the norms of the lean path's blocks: {n['not_lean']}"
-    if tuned_gemms and (fused_linear or lean is False):
-        return (f"{n['tuned']} runs the lean path's matmuls: "
-                f"{n['not_fused'] if fused_linear else n['not_lean']}")
     return None

@@ -143,17 +143,16 @@ def test_report_merges_directories(tmp_path):
 
 
 def test_lean_blocks_reach_the_generation_jobs_only(tmp_path, capsys):
-    """--lean, --no-lean, --fold-norms and --tuned-gemms go to both generation jobs (no flag:
-    bench_generate's default); --fold-norms with --no-lean, --tuned-gemms or --lean with
-    --fused-linear, is refused before any work."""
-    for flags in (["--lean", "--fold-norms"], ["--no-lean"], ["--fold-norms"], ["--lean", "--tuned-gemms"]):
+    """--lean, --no-lean and --fold-norms go to both generation jobs (no flag: bench_generate's
+    default); --fold-norms with --no-lean, or --lean with --fused-linear, is refused before any
+    work."""
+    for flags in (["--lean", "--fold-norms"], ["--no-lean"], ["--fold-norms"]):
         assert bt.main(["--list", "--no-anchor", *flags]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert {line.split()[0] for line in lines if " ".join(flags) in line} == {"gen-64", "gen-320"}, lines
     assert bt.main(["--list", "--no-anchor"]) == 0
     assert "lean" not in capsys.readouterr().out
     for argv, msg in ((["--fold-norms", "--no-lean"], "drop --no-lean"),
-                      (["--tuned-gemms", "--fused-linear"], "drop --fused-linear"),
                       (["--lean", "--fused-linear"], "choose one")):
         with pytest.raises(SystemExit) as e:
             bt.main(["--out", str(tmp_path / "out"), "--no-anchor", *argv])

@@ -10,26 +10,22 @@ import pytest
 from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_error
 
 
-@pytest.mark.parametrize("lean,fold,tuned,fused,flag_msg,field_msg", [
-    (None, False, False, False, None, None),
-    (None, True, True, False, None, None),  # the lean path is the default's, or taken explicitly
-    (True, True, True, False, None, None),
-    (None, True, False, True, None, None),  # folded norms of the fused path
-    (True, False, False, True, "--fused-linear and --lean are two decode paths; choose one",
+@pytest.mark.parametrize("lean,fold,fused,flag_msg,field_msg", [
+    (None, False, False, None, None),
+    (None, True, False, None, None),  # the lean path is the default's, or taken explicitly
+    (True, True, False, None, None),
+    (None, True, True, None, None),  # folded norms of the fused path
+    (True, False, True, "--fused-linear and --lean are two decode paths; choose one",
      "fused_linear and lean are two decode paths; choose one"),
-    (False, True, False, False, "--fold-norms folds the norms of the lean path's blocks: drop --no-lean",
+    (False, True, False, "--fold-norms folds the norms of the lean path's blocks: drop --no-lean",
      "fold_norms folds the norms of the lean path's blocks: set lean=True or None"),
-    (None, False, True, True, "--tuned-gemms runs the lean path's matmuls: drop --fused-linear",
-     "tuned_gemms runs the lean path's matmuls: set fused_linear=False"),
-    (False, False, True, False, "--tuned-gemms runs the lean path's matmuls: drop --no-lean",
-     "tuned_gemms runs the lean path's matmuls: set lean=True or None"),
 ])
-def test_rules_in_both_spellings(lean, fold, tuned, fused, flag_msg, field_msg):
-    assert decode_path_error(lean, fold, tuned, fused) == flag_msg
-    assert decode_path_error(lean, fold, tuned, fused, FIELDS) == field_msg
+def test_rules_in_both_spellings(lean, fold, fused, flag_msg, field_msg):
+    assert decode_path_error(lean, fold, fused) == flag_msg
+    assert decode_path_error(lean, fold, fused, FIELDS) == field_msg
     from cat_titan.infer.bench import SpeedConfig
 
-    cfg = SpeedConfig(lean=lean, fold_norms=fold, tuned_gemms=tuned, fused_linear=fused)
+    cfg = SpeedConfig(lean=lean, fold_norms=fold, fused_linear=fused)
     if field_msg is None:
         cfg.validate()
     else:
@@ -39,8 +35,8 @@ def test_rules_in_both_spellings(lean, fold, tuned, fused, flag_msg, field_msg):
 
 def test_flags_parse_three_ways_and_the_module_needs_no_torch():
     p = argparse.ArgumentParser()
-    add_decode_path_args(p, fused=False, tuned=False)
+    add_decode_path_args(p, fused=False)
     assert p.parse_args([]).lean is None and p.parse_args(["--no-lean"]).lean is False
-    assert p.parse_args(["--lean", "--fold-norms"]).fold_norms and not hasattr(p.parse_args([]), "tuned_gemms")
+    assert p.parse_args(["--lean", "--fold-norms"]).fold_norms
     code = "import sys, cat_titan.decode_flags; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

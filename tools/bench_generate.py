@@ -72,7 +72,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
                       attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, lean=a.lean,
-                      fold_norms=a.fold_norms, tuned_gemms=a.tuned_gemms)
+                      fold_norms=a.fold_norms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
-    bad = decode_path_error(a.lean, a.fold_norms, a.tuned_gemms, a.fused_linear)
+    bad = decode_path_error(a.lean, a.fold_norms, a.fused_linear)
     if bad:
         p.error(bad)
     if a.linear_config is not None:
@@ -191,19 +191,12 @@ def main(argv=None) -> int:
         del model
         rows.append(r)
         print(f"{label:>18}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-        if a.tuned_gemms:
-            from cat_titan.infer.lt_gemm import plans
-
-            for shape, t in plans().items():
-                print(f"    gemm M={shape.M} N={shape.N} K={shape.K} accumulate={shape.accumulate}: {t}",
-                      file=sys.stderr)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     paths = "/".join(sorted({r["decode_paths"] for r in rows}))  # per model: "lean", "ops", "lean+ops" (hybrids)
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, decode paths {paths} "
-          f"(norms folded {a.fold_norms}, tuned gemms {a.tuned_gemms}), pdl {a.pdl}, blas {blas}, "
-          f"prompt {a.prompt_len}, torch {torch.__version__}")
+          f"(norms folded {a.fold_norms}), pdl {a.pdl}, blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:
         from cat_titan.infer.profiling import write_index

@@ -88,7 +88,7 @@ def jobs(a) -> list[Job]:
     fused = (["--fused-linear"] if a.fused_linear else []) + (
         ["--linear-config", str(a.linear_config)] if a.linear_config else []) + (
         ["--pdl", a.pdl] if a.pdl != "off" else []) + ({True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (
-        ["--fold-norms"] if a.fold_norms else []) + (["--tuned-gemms"] if a.tuned_gemms else [])
+        ["--fold-norms"] if a.fold_norms else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         p.error(f"--repeat {a.repeat} and --steps {a.steps} must be >= 1 and --warmup {a.warmup} >= 0")
     if a.linear_config and not a.fused_linear:
         p.error("--linear-config needs --fused-linear")
-    bad = decode_path_error(a.lean, a.fold_norms, a.tuned_gemms, a.fused_linear)
+    bad = decode_path_error(a.lean, a.fold_norms, a.fused_linear)
     if bad:
         p.error(bad)
     if a.linear_config and not a.linear_config.is_file():

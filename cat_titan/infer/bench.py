@@ -64,8 +64,6 @@ class SpeedConfig:
     fold_norms: bool = False
     """With fused_linear or the lean path (lean not False): the norm weights folded into
     wqkv, w1|w3 (and the fused head) (extra memory)."""
-    tuned_gemms: bool = False
-    """With the lean path: its matmuls as cuBLASLt algorithms timed per shape (``lt_gemm``)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -83,7 +81,7 @@ class SpeedConfig:
             raise ValueError("cuda_graphs needs compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
         if self.autotune and not self.compile:
             raise ValueError("autotune needs compile (it is a torch.compile mode)")
-        bad = decode_path_error(self.lean, self.fold_norms, self.tuned_gemms, self.fused_linear, FIELDS)
+        bad = decode_path_error(self.lean, self.fold_norms, self.fused_linear, FIELDS)
         if bad:
             raise ValueError(bad)
         if self.graph_mode not in ("trees", "runner"):
@@ -121,8 +119,8 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
                          attend_bucket=cfg.attend_bucket)
     if cfg.fused_linear:
         runner.fuse_linears(fold_norms=cfg.fold_norms)
-    elif cfg.lean or cfg.fold_norms or cfg.tuned_gemms:
-        runner.lean_linears(fold_norms=cfg.fold_norms, tuned_gemms=cfg.tuned_gemms)
+    elif cfg.lean or cfg.fold_norms:
+        runner.lean_linears(fold_norms=cfg.fold_norms)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
         runner.compile_step(mode=graphs if cfg.cuda_graphs else None, autotune=cfg.autotune, lean=cfg.lean)
@@ -176,7 +174,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                 graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
                 fused_linear=cfg.fused_linear, lean="lean" in runner.decode_paths, fold_norms=cfg.fold_norms,
-                tuned_gemms=cfg.tuned_gemms, decode_paths="+".join(sorted(set(runner.decode_paths))), seconds=sec,
+                decode_paths="+".join(sorted(set(runner.decode_paths))), seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,
                 cache_mib=cache / 2**20, cache_columns=max(c.columns for c in runner.caches()),

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from .decode_attention import kernel_config, reference_decode_attention
 from .decode_linear import rope_and_write_kv, row_rsqrt
-from .lt_gemm import lt_linear, lt_residual_linear_
 
 try:
     import triton
@@ -130,29 +129,26 @@ def _(x, a, w):
 # the block
 # ----------------------------------------------------------------------------------------
 def lean_block_forward(layer: nn.Module, x: Tensor, attend: Callable[..., Tensor], gate_up: Tensor,
-                       folded_qkv: Optional[Tensor] = None, folded_gate_up: Optional[Tensor] = None,
-                       tuned_gemms: bool = False) -> Tensor:
+                       folded_qkv: Optional[Tensor] = None, folded_gate_up: Optional[Tensor] = None) -> Tensor:
     """``block_forward`` as cuBLAS matmuls around ``rope_attention`` (see the module
     docstring). x (B, T, D), contiguous and owned by the step: the residual stream is updated
     in place and returned. attend(qkv, x_rows or None) -> (BT, Hq*hd): the layer's
     ``rope_attention`` over its cache. folded_*: the weights with the norms' weights in them
-    (``fold_norm_weight``), both or neither. tuned_gemms: the matmuls as ``lt_gemm``'s timed
-    cuBLASLt algorithms."""
+    (``fold_norm_weight``), both or neither."""
     B, T, D = x.shape
     attn, ff = layer.attention, layer.feed_forward
-    linear, residual = (lt_linear, lt_residual_linear_) if tuned_gemms else (F.linear, residual_linear_)
     h = x.view(B * T, D)
     if folded_qkv is None:
-        y = attend(linear(layer.attention_norm(h), attn.wqkv.weight), None)  # (BT, Hq*hd)
+        y = attend(F.linear(layer.attention_norm(h), attn.wqkv.weight), None)  # (BT, Hq*hd)
     else:
-        y = attend(linear(h, folded_qkv), h)
-    residual(h, y, attn.wo.weight)  # h += y wo^T
+        y = attend(F.linear(h, folded_qkv), h)
+    residual_linear_(h, y, attn.wo.weight)  # h += y wo^T
     if folded_gate_up is None:
-        a, b = linear(layer.ffn_norm(h), gate_up).chunk(2, dim=-1)  # (BT, 2F) -> 2 x (BT, F)
+        a, b = F.linear(layer.ffn_norm(h), gate_up).chunk(2, dim=-1)  # (BT, 2F) -> 2 x (BT, F)
         act = F.silu(a) * b
     else:
-        act = swiglu_rows(linear(h, folded_gate_up), h, layer.ffn_norm.eps)
-    residual(h, act, ff.w2.weight)  # h += act w2^T
+        act = swiglu_rows(F.linear(h, folded_gate_up), h, layer.ffn_norm.eps)
+    residual_linear_(h, act, ff.w2.weight)  # h += act w2^T
     return x
 
 

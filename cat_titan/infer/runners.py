@@ -56,7 +56,6 @@ from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
 from .decode_block import lean_block_forward, rope_attention
 from .decode_linear import decode_linear, decode_qkv, fold_norm_weight, make_locks
-from .lt_gemm import lt_linear, prepare as lt_prepare
 
 # Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+2% at batch
 # 64, H100, docs/benchmarks.md session 18) and exact in every test that ran, but the CUDA
@@ -284,7 +283,6 @@ class Runner(nn.Module):
         # registered then) or "lean" (decode_block.py, lean_linears).
         self._path: list[str] = ["ops"] * len(model.layers)
         self.fused_head = False
-        self.tuned_gemms = False  # lean_linears(tuned_gemms=True): lt_gemm's timed cuBLASLt algorithms
         # fold_norms=True: per layer, wqkv and w1|w3 with their norm's weight
         # folded in (fold_norm_weight), and the head's; refreshed when a source tensor changes.
         self._folded_qkv: list[Optional[Tensor]] = [None] * len(model.layers)
@@ -370,23 +368,20 @@ class Runner(nn.Module):
         self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
         return self._set_path("fused", fold_norms)
 
-    def lean_linears(self, fold_norms: bool = False, tuned_gemms: bool = False) -> list[bool]:
+    def lean_linears(self, fold_norms: bool = False) -> list[bool]:
         """Run each decode step's blocks as the lean path (decode_block.py): cuBLAS matmuls,
         RoPE + cache writes + attention as one kernel, the residual adds inside the wo and w2
         GEMMs. fold_norms: wqkv and w1|w3 use copies with their norm's weight folded in (extra
         memory of those weights), which removes the two norm kernels of a block. For the
         same blocks as ``fuse_linears`` (which it replaces); the others keep the model's ops.
         Off CUDA the same code runs the reference ops. Returns which layers are lean. Call
-        before ``compile_step``. tuned_gemms: the blocks' matmuls and the head's as cuBLASLt
-        algorithms timed per shape (``lt_gemm``; experimental)."""
+        before ``compile_step``."""
         self.fused_head = False
-        return self._set_path("lean", fold_norms, tuned_gemms)
+        return self._set_path("lean", fold_norms)
 
-    def _set_path(self, path: str, fold_norms: bool, tuned_gemms: bool = False) -> list[bool]:
+    def _set_path(self, path: str, fold_norms: bool) -> list[bool]:
         """Every block that can (``_fusable``, w1|w3 fusable) runs as ``path``, the others as the
-        model's ops; the captured graphs and folded weights are redone, and tuned GEMMs are on
-        only if asked (so a fused runner never tunes a lean runner's shapes). Returns which run as path."""
-        self.tuned_gemms = tuned_gemms
+        model's ops; the captured graphs and folded weights are redone. Returns which run as path."""
         self.fuse_weights()
         self._path[:] = [path if self._fusable(layer) and g is not None else "ops"
                          for layer, g in zip(self.model.layers, self._gate_up)]
@@ -396,21 +391,6 @@ class Runner(nn.Module):
         if fold_norms:
             self._fold()  # reads fused_head: set before
         return [p == path for p in self._path]
-
-    def _prepare_tuned_gemms(self) -> None:
-        """Time the cuBLASLt algorithms of every matmul shape the lean steps run (``lt_gemm``):
-        B rows, and 2B where a step has two queries per row (adaptive CATs' completions)."""
-        rows = [self.batch, 2 * self.batch] if getattr(self, "adaptive", False) else [self.batch]
-        for i, layer in enumerate(self.model.layers):
-            if self._path[i] != "lean":
-                continue
-            qkv = self._folded_qkv[i] if self._folded_qkv[i] is not None else layer.attention.wqkv.weight
-            gate_up = self._folded_gate_up[i] if self._folded_gate_up[i] is not None else self._gate_up[i]
-            for m in rows:
-                for w, acc in ((qkv, False), (layer.attention.wo.weight, True), (gate_up, False),
-                               (layer.feed_forward.w2.weight, True)):
-                    lt_prepare(m, w, acc)
-        lt_prepare(self.batch, self.model.head.output.weight, False)
 
     @property
     def decode_paths(self) -> tuple[str, ...]:
@@ -428,7 +408,7 @@ class Runner(nn.Module):
         model's ops."""
         if self._path[i] == "lean":
             return lean_block_forward(layer, x, attend_lean, self._gate_up[i], self._folded_qkv[i],
-                                      self._folded_gate_up[i], self.tuned_gemms)
+                                      self._folded_gate_up[i])
         if self._path[i] == "fused":
             folded = self._folded_gate_up[i]
             return fused_block_forward(layer, x, attend_fused, self._gate_up[i] if folded is None else folded,
@@ -501,8 +481,6 @@ class Runner(nn.Module):
         if (lean or (lean is None and LEAN_BY_DEFAULT and device.type == "cuda")) and all(
                 p == "ops" for p in self._path):
             self.lean_linears()
-        if self.tuned_gemms and device.type == "cuda":
-            self._prepare_tuned_gemms()
         if mode == "graphs":
             if device.type != "cuda":
                 raise ValueError(f"compile_step(mode='graphs') captures CUDA graphs, but the model is on {device}; "
@@ -541,8 +519,6 @@ class Runner(nn.Module):
             folded = self._folded_head
             return decode_linear(h, head.output.weight if folded is None else folded, self.locks, norm=head.norm,
                                  norm_in_w=folded is not None)
-        if self.tuned_gemms:
-            return lt_linear(head.norm(h), head.output.weight)
         return head(h[:, None])[:, 0]
 
 
