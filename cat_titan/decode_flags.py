@@ -21,14 +21,20 @@ def add_decode_path_args(p: argparse.ArgumentParser, fused: bool = True) -> None
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="each decode block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in "
                         "one kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block; "
-                        "~2%% faster at batch 64 on an H100). Default: lean where the step is compiled on CUDA if "
-                        "cat_titan.infer.runners.LEAN_BY_DEFAULT (not yet: its CUDA suites are to run first); "
-                        "--no-lean: the model's ops")
+                        "+0.4-2%% tokens/s at batch 64 on an H100). Default: lean where the step is compiled on CUDA "
+                        "if cat_titan.infer.runners.LEAN_BY_DEFAULT is True; --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
                    help="the lean path" + (" (or --fused-linear)" if fused else "") + " with the norm weights folded "
                         "into copies of wqkv and w1|w3" + (" (--fused-linear: and the head)" if fused else "") +
                         ": the kernels apply only the norm's row scale; ~5%% faster at batch 64, more memory (it "
                         "counts in the batch-320 memory ratio)")
+
+
+def lean_requested(lean: Optional[bool], fold_norms: bool) -> bool:
+    """Whether the caller asked for the lean path itself (``lean_linears`` before compiling):
+    --lean, or --fold-norms, which folds the lean path's norms; otherwise ``compile_step``'s
+    default decides. (With --fused-linear, --fold-norms belongs to the fused path instead.)"""
+    return bool(lean or fold_norms)
 
 
 def decode_path_error(lean: Optional[bool], fold_norms: bool, fused_linear: bool = False,

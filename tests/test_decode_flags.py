@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_error
+from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_error, lean_requested
 
 
 @pytest.mark.parametrize("lean,fold,fused,flag_msg,field_msg", [
@@ -38,5 +38,8 @@ def test_flags_parse_three_ways_and_the_module_needs_no_torch():
     add_decode_path_args(p, fused=False)
     assert p.parse_args([]).lean is None and p.parse_args(["--no-lean"]).lean is False
     assert p.parse_args(["--lean", "--fold-norms"]).fold_norms
+    # --fold-norms alone asks for the lean path; no flag leaves it to compile_step's default
+    assert [lean_requested(v, f) for v, f in ((None, False), (False, False), (None, True), (True, False))] == [
+        False, False, True, True]
     code = "import sys, cat_titan.decode_flags; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

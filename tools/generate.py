@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cat_titan.data.tokenizer import TokenizerError, get_tokenizer  # noqa: E402
-from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402
+from cat_titan.decode_flags import add_decode_path_args, decode_path_error, lean_requested  # noqa: E402
 from cat_titan.export import ExportError  # noqa: E402
 from cat_titan.infer import generate, make_runner, stream  # noqa: E402
 from cat_titan.infer.generate import runner_chunk_size  # noqa: E402
@@ -200,7 +200,7 @@ def run(a) -> int:
               generator=gen, vocab_size=vocab)
     batch = len(ids) if a.batched else 1
     runner = make_runner(model, batch, max(map(len, ids)) + a.max_new_tokens, C)
-    if a.lean or a.fold_norms:
+    if lean_requested(a.lean, a.fold_norms):
         runner.lean_linears(fold_norms=a.fold_norms)
     if a.compile:
         runner.compile_step(mode="reduce-overhead" if device.type == "cuda" else None, lean=a.lean)

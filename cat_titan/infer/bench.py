@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..decode_flags import FIELDS, decode_path_error
+from ..decode_flags import FIELDS, decode_path_error, lean_requested
 from ..parallel.parallelize import compiled_graphs
 from .generate import generate, runner_chunk_size
 from .runners import Runner, make_runner
@@ -119,7 +119,7 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
                          attend_bucket=cfg.attend_bucket)
     if cfg.fused_linear:
         runner.fuse_linears(fold_norms=cfg.fold_norms)
-    elif cfg.lean or cfg.fold_norms:
+    elif lean_requested(cfg.lean, cfg.fold_norms):
         runner.lean_linears(fold_norms=cfg.fold_norms)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"

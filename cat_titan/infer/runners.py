@@ -57,10 +57,10 @@ from .decode_attention import decode_attention
 from .decode_block import lean_block_forward, rope_attention
 from .decode_linear import decode_linear, decode_qkv, fold_norm_weight, make_locks
 
-# Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+2% at batch
-# 64, H100, docs/benchmarks.md session 18) and exact in every test that ran, but the CUDA
-# suites of the compiled default (cudagraph trees, PDL, attend buckets) have not run with them
-# yet. Set True once this passes on a GPU (it covers both paths):
+# Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+0.4-2% at
+# batch 64, H100, docs/benchmarks.md sessions 18 and 20) and exact in every test that ran, but
+# the CUDA suites of the compiled default (cudagraph trees, PDL, attend buckets) have not run
+# with them yet. Set True once this passes on a GPU (it covers both paths):
 #   pytest tests/infer/test_generate_cuda.py tests/infer/test_pdl.py tests/infer/test_decode_graph.py
 LEAN_BY_DEFAULT = False
 
