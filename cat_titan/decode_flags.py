@@ -11,38 +11,32 @@ import argparse
 from typing import Optional
 
 # How each option is named in a message: as a flag, or as a SpeedConfig field.
-FLAGS = dict(fused="--fused-linear", lean="--lean", fold="--fold-norms", not_lean="drop --no-lean")
-FIELDS = dict(fused="fused_linear", lean="lean", fold="fold_norms", not_lean="set lean=True or None")
+FLAGS = dict(fold="--fold-norms", not_lean="drop --no-lean")
+FIELDS = dict(fold="fold_norms", not_lean="set lean=True or None")
 
 
-def add_decode_path_args(p: argparse.ArgumentParser, fused: bool = True) -> None:
-    """--lean/--no-lean and --fold-norms; ``fused``: the tool also has --fused-linear (its own
-    flag), which the help texts then mention."""
+def add_decode_path_args(p: argparse.ArgumentParser) -> None:
+    """--lean/--no-lean and --fold-norms."""
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                    help="each decode block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in "
                         "one kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block; "
                         "+0.4-2%% tokens/s at batch 64 on an H100). Default: lean where the step is compiled on CUDA "
                         "if cat_titan.infer.runners.LEAN_BY_DEFAULT is True; --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
-                   help="the lean path" + (" (or --fused-linear)" if fused else "") + " with the norm weights folded "
-                        "into copies of wqkv and w1|w3" + (" (--fused-linear: and the head)" if fused else "") +
-                        ": the kernels apply only the norm's row scale; ~5%% faster at batch 64, more memory (it "
-                        "counts in the batch-320 memory ratio)")
+                   help="the lean path with the norm weights folded into copies of wqkv and w1|w3: the kernels "
+                        "apply only the norm's row scale; ~5%% faster at batch 64, more memory (it counts in the "
+                        "batch-320 memory ratio)")
 
 
 def lean_requested(lean: Optional[bool], fold_norms: bool) -> bool:
     """Whether the caller asked for the lean path itself (``lean_linears`` before compiling):
     --lean, or --fold-norms, which folds the lean path's norms; otherwise ``compile_step``'s
-    default decides. (With --fused-linear, --fold-norms belongs to the fused path instead.)"""
+    default decides."""
     return bool(lean or fold_norms)
 
 
-def decode_path_error(lean: Optional[bool], fold_norms: bool, fused_linear: bool = False,
-                      names: dict = FLAGS) -> Optional[str]:
+def decode_path_error(lean: Optional[bool], fold_norms: bool, names: dict = FLAGS) -> Optional[str]:
     """What is wrong with this combination (None: nothing), in ``names``' spelling (FLAGS or FIELDS)."""
-    n = names
-    if fused_linear and lean:
-        return f"{n['fused']} and {n['lean']} are two decode paths; choose one"
-    if fold_norms and not fused_linear and lean is False:
-        return f"{n['fold']} folds the norms of the lean path's blocks: {n['not_lean']}"
+    if fold_norms and lean is False:
+        return f"{names['fold']} folds the norms of the lean path's blocks: {names['not_lean']}"
     return None

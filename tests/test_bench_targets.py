@@ -65,23 +65,6 @@ def test_every_pdl_mode_of_bench_generate_is_accepted(mode, capsys):
     assert {line.split()[0] for line in lines if f"--pdl {mode}" in line} == {"gen-64", "gen-320"}, lines
 
 
-def test_tuned_linear_tiles_reach_the_generation_jobs_only(tmp_path, capsys):
-    """--fused-linear --linear-config FILE --pdl MODE go to both generation jobs and no training job;
-    a missing file or --linear-config without --fused-linear is refused before any work."""
-    tuned = tmp_path / "tuned.json"
-    tuned.write_text(json.dumps({"entries": []}))
-    assert bt.main(["--list", "--no-anchor", "--fused-linear", "--linear-config", str(tuned), "--pdl", "prefetch"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    with_tiles = {line.split()[0] for line in lines if f"--fused-linear --linear-config {tuned} --pdl prefetch" in line}
-    assert with_tiles == {"gen-64", "gen-320"}, lines
-    for argv, msg in (([str(tmp_path / "missing.json"), "--fused-linear"], "no such file"),
-                      ([str(tuned)], "needs --fused-linear")):
-        with pytest.raises(SystemExit) as e:
-            bt.main(["--out", str(tmp_path / "out"), "--no-anchor", "--linear-config", *argv])
-        assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.skipif(importlib.util.find_spec("torchtitan") is not None,
                     reason="torchtitan is installed here: the missing-dependency refusal cannot run")
 def test_missing_torchtitan_is_refused_before_any_work(tmp_path):
@@ -144,17 +127,14 @@ def test_report_merges_directories(tmp_path):
 
 def test_lean_blocks_reach_the_generation_jobs_only(tmp_path, capsys):
     """--lean, --no-lean and --fold-norms go to both generation jobs (no flag: bench_generate's
-    default); --fold-norms with --no-lean, or --lean with --fused-linear, is refused before any
-    work."""
+    default); --fold-norms with --no-lean is refused before any work."""
     for flags in (["--lean", "--fold-norms"], ["--no-lean"], ["--fold-norms"]):
         assert bt.main(["--list", "--no-anchor", *flags]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert {line.split()[0] for line in lines if " ".join(flags) in line} == {"gen-64", "gen-320"}, lines
     assert bt.main(["--list", "--no-anchor"]) == 0
     assert "lean" not in capsys.readouterr().out
-    for argv, msg in ((["--fold-norms", "--no-lean"], "drop --no-lean"),
-                      (["--lean", "--fused-linear"], "choose one")):
-        with pytest.raises(SystemExit) as e:
-            bt.main(["--out", str(tmp_path / "out"), "--no-anchor", *argv])
-        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bt.main(["--out", str(tmp_path / "out"), "--no-anchor", "--fold-norms", "--no-lean"])
+    assert e.value.code == 2 and "drop --no-lean" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

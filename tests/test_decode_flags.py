@@ -10,22 +10,20 @@ import pytest
 from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_error, lean_requested
 
 
-@pytest.mark.parametrize("lean,fold,fused,flag_msg,field_msg", [
-    (None, False, False, None, None),
-    (None, True, False, None, None),  # the lean path is the default's, or taken explicitly
-    (True, True, False, None, None),
-    (None, True, True, None, None),  # folded norms of the fused path
-    (True, False, True, "--fused-linear and --lean are two decode paths; choose one",
-     "fused_linear and lean are two decode paths; choose one"),
-    (False, True, False, "--fold-norms folds the norms of the lean path's blocks: drop --no-lean",
+@pytest.mark.parametrize("lean,fold,flag_msg,field_msg", [
+    (None, False, None, None),
+    (False, False, None, None),
+    (None, True, None, None),  # the lean path is the default's, or taken explicitly
+    (True, True, None, None),
+    (False, True, "--fold-norms folds the norms of the lean path's blocks: drop --no-lean",
      "fold_norms folds the norms of the lean path's blocks: set lean=True or None"),
 ])
-def test_rules_in_both_spellings(lean, fold, fused, flag_msg, field_msg):
-    assert decode_path_error(lean, fold, fused) == flag_msg
-    assert decode_path_error(lean, fold, fused, FIELDS) == field_msg
+def test_rules_in_both_spellings(lean, fold, flag_msg, field_msg):
+    assert decode_path_error(lean, fold) == flag_msg
+    assert decode_path_error(lean, fold, FIELDS) == field_msg
     from cat_titan.infer.bench import SpeedConfig
 
-    cfg = SpeedConfig(lean=lean, fold_norms=fold, fused_linear=fused)
+    cfg = SpeedConfig(lean=lean, fold_norms=fold)
     if field_msg is None:
         cfg.validate()
     else:
@@ -35,7 +33,7 @@ def test_rules_in_both_spellings(lean, fold, fused, flag_msg, field_msg):
 
 def test_flags_parse_three_ways_and_the_module_needs_no_torch():
     p = argparse.ArgumentParser()
-    add_decode_path_args(p, fused=False)
+    add_decode_path_args(p)
     assert p.parse_args([]).lean is None and p.parse_args(["--no-lean"]).lean is False
     assert p.parse_args(["--lean", "--fold-norms"]).fold_norms
     # --fold-norms alone asks for the lean path; no flag leaves it to compile_step's default

@@ -15,18 +15,12 @@ written out as matmul + masked softmax + matmul, which inductor fuses.
     python tools/bench_attention.py --decode-sweep   # cat_titan's decode kernel: tile/warp/stage settings
     python tools/bench_attention.py --decode-gemms   # the decode step's matmuls: cuBLAS, cuBLASLt
                                                      # (--autotune: max-autotune)
-    python tools/bench_attention.py --decode-linear [--write-config FILE]  # decode_linear's split-K and
-                                                     # stream-K settings vs the unfused ops; FILE: each best
-    python tools/bench_attention.py --decode-chain   # 12 layers of fused decode kernels, each PDL mode,
-                                                     # vs the same layers unfused
     python tools/bench_attention.py --compressor     # the compressor's attention: SDPA, matmuls, flex
 """
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -374,254 +368,6 @@ def decode_gemm_rows(device, batch: int = 64, autotune: bool = False, cycle_byte
     return rows
 
 
-# cat-150m's decode linears as decode_linear fuses them: (name, K, N, norm, residual, swiglu)
-DECODE_LINEARS = [("norm + w1|w3 + swiglu", 1536, 4096, True, False, True),
-                  ("w2 + residual", 4096, 1536, False, True, False),
-                  ("wo + residual", 1536, 1536, False, True, False), ("norm + head", 1536, 32000, True, False, False),
-                  ("norm + wqkv", 1536, 4608, True, False, False)]  # the runners use decode_qkv for this one
-
-
-def decode_linear_rows(device, batch: int = 64, cycle_bytes: int = 120 * 2**20, done=None) -> list[dict]:
-    """decode_linear (cat_titan.infer.decode_linear) at each tile / split / warp / stage
-    setting against the unfused ops it replaces (compiled by inductor: cuBLAS GEMM plus its
-    pointwise kernels), M = batch rows, bf16. Each timing cycles through copies of the weight
-    totalling cycle_bytes (twice the 60 MB L2), as a decode step streams every weight from HBM
-    once. The runners' linears first (decode_qkv, then by weight size), the plain norm + wqkv
-    last; done(rows) after each, so a sweep cut short by a time limit keeps what it measured."""
-    from cat_titan.infer.decode_linear import (fold_norm_weight, launch_decode_linear, linear_config,
-                                               make_locks, reference_decode_linear)
-    from cat_titan.models.common import RMSNorm
-
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    locks = make_locks(device)
-    rows = decode_qkv_rows(device, batch, cycle_bytes, locks, sms)
-    if done:
-        done(rows)
-    for name, K, N, norm_on, resid, swiglu in DECODE_LINEARS:
-        rows_w = (2 if swiglu else 1) * N
-        copies = max(2, -(-cycle_bytes // (rows_w * K * 2)))
-        ws = [torch.randn(rows_w, K, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(batch, K, device=device, dtype=torch.bfloat16)
-        res = torch.randn(batch, N, device=device, dtype=torch.bfloat16) if resid else None
-        norm = RMSNorm(K).to(device, torch.bfloat16).requires_grad_(False) if norm_on else None
-        g = None if norm is None else norm.weight
-        unfused = torch.compile(reference_decode_linear, dynamic=False)
-        weight_bytes = rows_w * K * 2
-
-        def row(label, fn, weights=None, **extra):
-            us = graph_us(lambda: [fn(w) for w in weights or ws], calls=5) / copies
-            r = {"linear": name, "M": batch, "K": K, "N": N, "swiglu": swiglu, "qkv": False, "variant": label,
-                 **extra, "us": us, "weight_TBps": weight_bytes / us / 1e6}
-            rows.append(r)
-            return r
-
-        base = row("unfused (inductor + cuBLAS)", lambda w: unfused(x, w, norm, res, swiglu))
-        ref = reference_decode_linear(x.float(), ws[0].float(), None if norm is None else copy.deepcopy(norm).float(),
-                                      None if res is None else res.float(), swiglu)
-        default = linear_config(batch, N, K, swiglu, sms)
-        print(json.dumps(base), json.dumps({"default_config": default}), flush=True)
-        def fused_row(cfg, folded=False):
-            # folded: the norm weight already in w (fold_norm_weight), x unscaled in the kernel
-            weights = [fold_norm_weight(w, g) for w in ws] if folded else ws
-            gk = None if folded else g
-            try:
-                out = launch_decode_linear(x, weights[0], gk, res, locks, 1e-5, swiglu, cfg, g_in_w=folded)
-                row("fused, norm folded" if folded else "fused",
-                    lambda w: launch_decode_linear(x, w, gk, res, locks, 1e-5, swiglu, cfg, g_in_w=folded),
-                    weights=weights, **cfg, default=cfg == default and not folded,
-                    max_err_vs_fp32=float((out.float() - ref).abs().max()))
-            except Exception as e:  # e.g. out of shared memory or registers
-                rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
-
-        # tiles and split at 4 warps / 3 stages (the default's), then warps and stages for the best tiles
-        for BN in (16, 32, 64, 128):
-            for BK in (64, 128):
-                for split in (1, 2, 4):
-                    if split == 1 or K // split >= BK:
-                        fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=split, PROGRAMS=0, num_warps=4,
-                                       num_stages=3))
-        # stream-K: the same share of the weight per program, one or two programs per SM
-        for BN in (32, 64, 128):
-            for BK in (64, 128):
-                for programs in (sms, 2 * sms):
-                    fused_row(dict(BM=default["BM"], BN=BN, BK=BK, SPLIT_K=1, PROGRAMS=programs, num_warps=4,
-                                   num_stages=3))
-        fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
-        tiles = {k: min(fused, key=lambda r: r["us"])[k] for k in ("BM", "BN", "BK", "SPLIT_K", "PROGRAMS")}
-        for warps, stages in ((4, 2), (4, 4), (8, 3)):
-            fused_row(dict(tiles, num_warps=warps, num_stages=stages))
-        if default not in [{k: r[k] for k in default} for r in fused]:
-            fused_row(dict(default))
-        if norm_on:  # what folding the norm weight into w would buy, at the best split-K and stream-K tiles
-            fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
-            for family in ([r for r in fused if not r["PROGRAMS"]], [r for r in fused if r["PROGRAMS"]]):
-                if family:
-                    fused_row({k: min(family, key=lambda r: r["us"])[k] for k in default}, folded=True)
-        fused = [r for r in rows if r["linear"] == name and r["variant"] == "fused" and "us" in r]
-        best = min(fused, key=lambda r: r["us"])
-        dflt = next((r for r in fused if r.get("default")), None)
-        print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
-              flush=True)
-        if done:
-            done(rows)
-    return rows
-
-
-def decode_chain_rows(device, batch: int = 64, layers: int = 12, D: int = 1536, heads: int = 24, F_: int = 4096,
-                      shapes=((97, 65), (266, 137))) -> list[dict]:
-    """A CAT-150m decoder's fused decode chain (per layer: norm + wqkv + RoPE + cache writes,
-    decode attention, wo + residual, norm + w1|w3 + SwiGLU, w2 + residual; 5 kernels) over
-    ``layers`` layers with their own weights (~680 MB in bf16: each streamed from HBM once per
-    chain), replayed from one CUDA graph, with each PDL mode (cat_titan.infer.pdl.MODES);
-    next to the same chain as the model's ops compiled by inductor
-    (cuBLAS GEMMs + its pointwise kernels + the decode attention kernel). shapes: (cache
-    columns, visible columns): chunk 32 and chunk 8 halfway through 2048 tokens. Each PDL mode's
-    output must equal the 'off' output bit for bit (the arithmetic is the same)."""
-    from cat_titan.infer import pdl
-    from cat_titan.infer.decode_attention import decode_attention
-    from cat_titan.infer.decode_linear import (decode_linear, decode_qkv, make_locks, reference_decode_linear,
-                                               reference_decode_qkv)
-    from cat_titan.models.common import RMSNorm, rope_table
-
-    bf, hd = torch.bfloat16, D // heads
-    gen = torch.Generator(device=device).manual_seed(0)
-    rnd = lambda *s: (torch.randn(*s, device=device, generator=gen) * s[-1] ** -0.5).to(bf)
-    weights = [dict(wqkv=rnd(3 * D, D), wo=rnd(D, D), w13=rnd(2 * F_, D), w2=rnd(D, F_)) for _ in range(layers)]
-    layer_bytes = sum(w.numel() * w.element_size() for w in weights[0].values())
-    norm = RMSNorm(D).to(device, bf).requires_grad_(False)
-    locks = make_locks(device)
-    cos_t, sin_t = rope_table(hd, 4096, 10000.0, device=device)
-    rows = []
-    for n_cols, vis in shapes:
-        kc = [torch.randn(batch, heads, n_cols, hd, device=device, dtype=bf) for _ in range(layers)]
-        vc = [torch.randn(batch, heads, n_cols, hd, device=device, dtype=bf) for _ in range(layers)]
-        cols = torch.full((batch,), vis - 1, dtype=torch.long, device=device)
-        lengths = torch.full((batch, 1), vis, dtype=torch.long, device=device)
-        cos, sin = cos_t[cols], sin_t[cols]  # (batch, hd)
-        x0 = torch.randn(batch, D, device=device, dtype=bf)
-
-        def attend(q, l):  # q (B, H*hd) -> (B, H*hd)
-            return decode_attention(q.view(batch, heads, 1, hd), kc[l], vc[l], lengths).reshape(batch, D)
-
-        def fused():
-            x = x0
-            for l, w in enumerate(weights):
-                y = attend(decode_qkv(x, w["wqkv"], locks, norm, kc[l], vc[l], cos, sin, cols, 1, 1), l)
-                h = decode_linear(y, w["wo"], locks, residual=x)
-                u = decode_linear(h, w["w13"], locks, norm=norm, swiglu=True)
-                x = decode_linear(u, w["w2"], locks, residual=h)
-            return x
-
-        def unfused_impl():
-            x = x0
-            for l, w in enumerate(weights):
-                y = attend(reference_decode_qkv(x, w["wqkv"], norm, kc[l], vc[l], cos, sin, cols, 1, 1), l)
-                h = reference_decode_linear(y, w["wo"], residual=x)
-                u = reference_decode_linear(h, w["w13"], norm, swiglu=True)
-                x = reference_decode_linear(u, w["w2"], residual=h)
-            return x
-
-        def row(variant, fn, **extra):
-            us = graph_us(fn, calls=5)
-            r = {"variant": variant, "batch": batch, "layers": layers, "cache_columns": n_cols, "visible": vis,
-                 "us_per_layer": us / layers, "weight_TBps": layer_bytes * layers / us / 1e6, **extra}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-
-        unfused = torch.compile(unfused_impl, dynamic=False)
-        ref = unfused().float()
-        row("unfused (inductor + cuBLAS)", unfused)
-        want = None
-        for mode in pdl.MODES:
-            pdl.set_mode(mode)
-            try:
-                out = fused()
-                want = out if mode == "off" else want
-                row(f"fused, pdl {mode}", fused, pdl_active=pdl.active(x0),
-                    bitwise_equal_to_off=bool(torch.equal(out, want)),
-                    max_abs_diff_vs_unfused=float((out.float() - ref).abs().max()))
-            finally:
-                pdl.set_mode("off")
-    return rows
-
-
-def tuned_entries(rows: list[dict]) -> list[dict]:
-    """Each linear's fastest fused setting among decode_linear_rows' rows, with the unfused
-    time beside it: the entries ``decode_linear.load_tuned_configs`` reads. Rows with the norm
-    weight folded into w are left out: the runners do not fold it (they show what it would buy)."""
-    from cat_titan.infer.decode_linear import CONFIG_KEYS
-
-    out = []
-    for name in dict.fromkeys(r["linear"] for r in rows):
-        timed_rows = [r for r in rows if r["linear"] == name and "us" in r]
-        fused = [r for r in timed_rows if r["variant"] == "fused"]
-        if not fused:
-            continue
-        best = min(fused, key=lambda r: r["us"])
-        base = next((r["us"] for r in timed_rows if r["variant"].startswith("unfused")), None)
-        out.append(dict(linear=name, M=best["M"], N=best["N"], K=best["K"], swiglu=best["swiglu"], qkv=best["qkv"],
-                        config={k: best[k] for k in CONFIG_KEYS if k in best}, us=best["us"], unfused_us=base))
-    return out
-
-
-def decode_qkv_rows(device, batch: int, cycle_bytes: int, locks, sms: int, D: int = 1536, heads: int = 24,
-                    hd: int = 64, n_cols: int = 97) -> list[dict]:
-    """decode_qkv (norm + wqkv + RoPE + K/V cache writes, one head per tile) at each K split /
-    warp setting against the same ops unfused (inductor: norm, cuBLAS, RoPE, index_put)."""
-    from cat_titan.infer.decode_linear import (fold_norm_weight, launch_decode_linear, linear_config,
-                                               reference_decode_qkv)
-    from cat_titan.models.common import RMSNorm, rope_table
-
-    name, rows = "norm + wqkv + rope + cache (decode_qkv)", []
-    N = 3 * heads * hd
-    copies = max(2, -(-cycle_bytes // (N * D * 2)))
-    ws = [torch.randn(N, D, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(batch, D, device=device, dtype=torch.bfloat16)
-    norm = RMSNorm(D).to(device, torch.bfloat16).requires_grad_(False)
-    kc, vc = (torch.zeros(batch, heads, n_cols, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
-    cos_t, sin_t = rope_table(hd, 128, 10000.0, device=device)
-    cos, sin = cos_t[:batch].contiguous(), sin_t[:batch].contiguous()
-    cols = torch.full((batch,), n_cols // 2, device=device, dtype=torch.long)
-    unfused = torch.compile(reference_decode_qkv, dynamic=False)
-
-    def row(label, fn, weights=None, **extra):
-        us = graph_us(lambda: [fn(w) for w in weights or ws], calls=5) / copies
-        r = {"linear": name, "M": batch, "K": D, "N": N, "swiglu": False, "qkv": True, "variant": label, **extra,
-             "us": us, "weight_TBps": N * D * 2 / us / 1e6}
-        rows.append(r)
-        return r
-
-    base = row("unfused (inductor + cuBLAS)", lambda w: unfused(x, w, norm, kc, vc, cos, sin, cols, 1, 1))
-    default = linear_config(batch, N, D, False, sms, BN=hd)
-    # one head per tile: split-K, or stream-K over one or two programs per SM
-    schedules = [dict(SPLIT_K=s, PROGRAMS=0) for s in (1, 2, 4)] + [dict(SPLIT_K=1, PROGRAMS=p) for p in (sms, 2 * sms)]
-    for BK in (64, 128):
-        for sched in schedules:
-            for warps, stages in ((4, 3), (8, 3)):
-                cfg = dict(BM=default["BM"], BK=BK, **sched, num_warps=warps, num_stages=stages)
-                qkv = (kc, vc, cos, sin, cols, 1, 1)
-                try:
-                    row("fused", lambda w: launch_decode_linear(x, w, norm.weight, None, locks,
-                                                                1e-5, False, cfg, qkv=qkv), **cfg, BN=hd,
-                        default=all(default[k] == v for k, v in cfg.items()))
-                except Exception as e:
-                    rows.append({"linear": name, "variant": "fused", **cfg, "error": repr(e)[:200]})
-    fused = [r for r in rows if r["variant"] == "fused" and "us" in r]
-    best = min(fused, key=lambda r: r["us"])
-    folded = [fold_norm_weight(w, norm.weight) for w in ws]  # the best tiles with the norm weight in w
-    cfg = {k: best[k] for k in ("BM", "BK", "SPLIT_K", "PROGRAMS", "num_warps", "num_stages")}
-    try:
-        row("fused, norm folded", lambda w: launch_decode_linear(x, w, None, None, locks, 1e-5, False, cfg,
-                                                                 qkv=(kc, vc, cos, sin, cols, 1, 1), g_in_w=True),
-            weights=folded, **cfg, BN=hd)
-    except Exception as e:
-        rows.append({"linear": name, "variant": "fused, norm folded", **cfg, "error": repr(e)[:200]})
-    dflt = next((r for r in fused if r.get("default")), None)
-    print(json.dumps({"linear": name, "unfused_us": base["us"], "default_us": dflt and dflt["us"], "best": best}),
-          flush=True)
-    return rows
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -636,15 +382,7 @@ def main() -> int:
     p.add_argument("--decode-gemms", action="store_true",
                    help="only time the decode step's matmuls (cuBLAS, cuBLASLt; with --autotune also max-autotune) "
                         "at --decode-batch rows")
-    p.add_argument("--decode-linear", action="store_true",
-                   help="only time decode_linear's settings against the unfused ops, at --decode-batch rows")
-    p.add_argument("--decode-chain", action="store_true",
-                   help="only time 12 layers of the fused decode kernels with PDL off / wait / prefetch against "
-                        "the same layers unfused, at --decode-batch rows")
-    p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-linear and --decode-chain (64)")
-    p.add_argument("--write-config", type=Path, metavar="FILE",
-                   help="with --decode-linear: write each linear's fastest setting to FILE, for "
-                        "decode_linear.load_tuned_configs / bench_generate --linear-config")
+    p.add_argument("--decode-batch", type=int, default=64, help="rows of --decode-gemms (64)")
     p.add_argument("--flex", action="store_true",
                    help="only time the CAT decoder's FlexAttention call: default tiles vs the model's kernel options")
     p.add_argument("--autotune", action="store_true",
@@ -655,8 +393,6 @@ def main() -> int:
                    help="--compressor: chunk size : prefix positions, per row group (fixed CAT: prefix 1; adaptive: 2)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    if a.write_config and not a.decode_linear:
-        p.error("--write-config needs --decode-linear")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dev = torch.device("cuda")
@@ -670,25 +406,6 @@ def main() -> int:
                               for r in compressor_rows(a.batch, a.seq // C, C + pre, a.heads // 2, a.head_dim, dev)]}
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
-        return 0
-    if a.decode_chain:
-        out = {"decode_chain": decode_chain_rows(dev, a.decode_batch)}
-        if a.json:
-            a.json.write_text(json.dumps(out, indent=1))
-        return 0
-    if a.decode_linear:
-        from cat_titan.confutil import write_atomic
-
-        def done(rows):  # after each linear, whole files (a time limit may stop the sweep at any moment)
-            if a.json:
-                write_atomic(a.json, json.dumps({"decode_linear": rows}, indent=1))
-            if a.write_config:
-                write_atomic(a.write_config, json.dumps(dict(
-                    device=torch.cuda.get_device_name(dev), torch=torch.__version__,
-                    date=time.strftime("%Y-%m-%d"), entries=tuned_entries(rows)), indent=1))
-
-        for e in tuned_entries(decode_linear_rows(dev, a.decode_batch, done=done)):
-            print(f"{e['linear']}: best {e['us']:.1f} us vs unfused {e['unfused_us']:.1f} us  {e['config']}")
         return 0
     if a.decode_sweep or a.decode_gemms:
         out = {"decode_sweep": decode_sweep_rows(dev)} if a.decode_sweep else {}

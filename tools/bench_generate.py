@@ -71,8 +71,7 @@ def bench_one(a, label: str, preset: str, args, gen_chunk, device: torch.device)
     model = build_model(args, device=device, seed=0).to(DTYPES[a.dtype]).eval()
     cfg = SpeedConfig(batch=a.batch, prompt_len=a.prompt_len, gen_len=a.gen_len, compile=a.compile,
                       cuda_graphs=a.cuda_graphs, graph_mode=a.graph_mode, autotune=a.autotune, repeat=a.repeat,
-                      attend_bucket=a.attend_bucket, fused_linear=a.fused_linear, lean=a.lean,
-                      fold_norms=a.fold_norms)
+                      attend_bucket=a.attend_bucket, lean=a.lean, fold_norms=a.fold_norms)
     runner = build_runner(model, cfg, gen_chunk)
     if a.profile:  # keep the code of the graphs the warm-up compiles
         from cat_titan.infer.profiling import capture_graph_code
@@ -119,22 +118,14 @@ def main(argv=None) -> int:
                         "by the runner (no per-step guards; cat_titan.infer.runners)")
     p.add_argument("--autotune", action="store_true",
                    help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
-    p.add_argument("--fused-linear", action="store_true",
-                   help="each block's linears with their norm, SwiGLU and residual add as one kernel each "
-                        "(cat_titan.infer.decode_linear; CUDA; experimental: slower than the default with its untuned "
-                        "tiles; see --linear-config)")
     add_decode_path_args(p)
-    p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
-                   help="with --fused-linear: tiles per linear from tools/bench_attention.py --decode-linear "
-                        "--write-config FILE")
     p.add_argument("--pdl", choices=pdl.MODES, default="off",
-                   help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode kernels "
-                        "(decode attention, and decode_linear with --fused-linear) and inductor's own kernels "
-                        "launch while the previous kernel runs; prefetch: decode_linear also prefetches its weight "
-                        "slice into L2 before it waits; late: each kernel lets the next launch only after its main "
-                        "loop (experimental, off by default: docs/benchmarks.md, sessions 13-14)")
+                   help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode attention "
+                        "kernel and inductor's own kernels launch while the previous kernel runs; late: each kernel "
+                        "lets the next launch only after its main loop (experimental, off by default: "
+                        "docs/benchmarks.md, sessions 13-14)")
     p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
-                   help="the library torch's matmuls (the unfused path's GEMMs) go through "
+                   help="the library torch's matmuls (the decode step's GEMMs) go through "
                         "(torch.backends.cuda.preferred_blas_library; default: torch's, cuBLAS unless "
                         "TORCH_BLAS_PREFER_CUBLASLT=1)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (the fastest counts)")
@@ -153,19 +144,9 @@ def main(argv=None) -> int:
         p.error("--cuda-graphs needs --compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
     if a.autotune and not a.compile:
         p.error("--autotune needs --compile")
-    bad = decode_path_error(a.lean, a.fold_norms, a.fused_linear)
+    bad = decode_path_error(a.lean, a.fold_norms)
     if bad:
         p.error(bad)
-    if a.linear_config is not None:
-        if not a.fused_linear:
-            p.error("--linear-config needs --fused-linear")
-        from cat_titan.infer.decode_linear import load_tuned_configs
-
-        try:
-            n = load_tuned_configs(a.linear_config)
-        except ValueError as e:
-            p.error(str(e))
-        print(f"decode_linear: tuned tiles for {n} shapes from {a.linear_config}", file=sys.stderr)
     device = torch.device(a.device)
     if a.pdl != "off":
         ok, why = pdl.supported(device) if device.type == "cuda" else (False, f"device {device}")
@@ -195,7 +176,7 @@ def main(argv=None) -> int:
     blas = torch.backends.cuda.preferred_blas_library().name if device.type == "cuda" else "-"
     paths = "/".join(sorted({r["decode_paths"] for r in rows}))  # per model: "lean", "ops", "lean+ops" (hybrids)
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
-          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), fused linears {a.fused_linear}, decode paths {paths} "
+          f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), decode paths {paths} "
           f"(norms folded {a.fold_norms}), pdl {a.pdl}, blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:

@@ -85,10 +85,8 @@ def jobs(a) -> list[Job]:
         out.append(Job(f"train-cat-{i + 1}", [bt, "--config", c8, *steps, *(anchor if i == 0 else []), *small],
                        note="reference-sized CAT, chunk 8" + (" (+ torchtitan at the decoder's size)"
                                                               if i == 0 and anchor else "")))
-    fused = (["--fused-linear"] if a.fused_linear else []) + (
-        ["--linear-config", str(a.linear_config)] if a.linear_config else []) + (
-        ["--pdl", a.pdl] if a.pdl != "off" else []) + ({True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (
-        ["--fold-norms"] if a.fold_norms else [])
+    decode_path = (["--pdl", a.pdl] if a.pdl != "off" else []) + (
+        {True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (["--fold-norms"] if a.fold_norms else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),
@@ -96,12 +94,10 @@ def jobs(a) -> list[Job]:
             note="adaptive CAT, random curriculum vs each size alone"),
         Job("train-fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", bt, "--config", c8,
                            *steps, *fsdp], gpus=2, note="reference-sized CAT, FSDP over 2 GPUs"),
-        Job("gen-64", [bg, *gen, *gen64, "--chunk-sizes", "8,32", "--graph-mode", "runner",
-                       *fused],
+        Job("gen-64", [bg, *gen, *gen64, "--chunk-sizes", "8,32", "--graph-mode", "runner", *decode_path],
             note="batch 64 x 2048 new tokens, runner CUDA graphs"),
         # cudagraph trees: runner graphs keep a pool per captured variant (session 4: +0.2 GiB)
-        Job("gen-320", [bg, *gen, *gen320, "--chunk-sizes", "32", "--graph-mode", "trees",
-                        *fused],
+        Job("gen-320", [bg, *gen, *gen320, "--chunk-sizes", "32", "--graph-mode", "trees", *decode_path],
             note="batch 320 x 4096 new tokens, cudagraph trees"),
     ]
     return out
@@ -254,9 +250,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-anchor", action="store_true", help="skip torchtitan (an optional dependency)")
-    p.add_argument("--fused-linear", action="store_true", help="generation with cat_titan.infer.decode_linear")
-    p.add_argument("--linear-config", type=Path, default=None, metavar="FILE",
-                   help="with --fused-linear: tuned tiles (tools/bench_attention.py --decode-linear --write-config)")
     add_decode_path_args(p)
     p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
                    help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
@@ -265,14 +258,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.repeat < 1 or a.steps < 1 or a.warmup < 0:
         p.error(f"--repeat {a.repeat} and --steps {a.steps} must be >= 1 and --warmup {a.warmup} >= 0")
-    if a.linear_config and not a.fused_linear:
-        p.error("--linear-config needs --fused-linear")
-    bad = decode_path_error(a.lean, a.fold_norms, a.fused_linear)
+    bad = decode_path_error(a.lean, a.fold_norms)
     if bad:
         p.error(bad)
-    if a.linear_config and not a.linear_config.is_file():
-        p.error(f"--linear-config {a.linear_config}: no such file (write it with tools/bench_attention.py "
-                "--decode-linear --write-config FILE)")
     if a.report:
         results = load(a.report)
         out = a.out or a.report[-1]

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "stored", *DTYPES],
                    help="auto: bf16 on CUDA, fp32 elsewhere; stored: the file's dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
-    add_decode_path_args(p, fused=False)
+    add_decode_path_args(p)
     p.add_argument("--batched", action="store_true", help="all prompts in one batch; print each text at the end")
     p.add_argument("--no-bos", dest="bos", action="store_false", help="don't start prompts with end-of-text")
     p.add_argument("--no-echo", dest="echo", action="store_false", help="print only the generated text")

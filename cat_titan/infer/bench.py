@@ -53,17 +53,14 @@ class SpeedConfig:
     step variant (``Runner.compile_step(mode='graphs')``, CUDA only)."""
     autotune: bool = False
     """With compile: inductor's max-autotune for the step's matmuls (``Runner.compile_step``)."""
-    fused_linear: bool = False
-    """Each block's linears with their norm, SwiGLU and residual as ``decode_linear`` kernels
-    (``Runner.fuse_linears``; CUDA, else the same ops unfused)."""
     lean: Optional[bool] = None
     """Each block as the lean path (``Runner.lean_linears``: cuBLAS matmuls, RoPE + cache writes
     + attention in one kernel, residual adds inside the GEMMs; CUDA, else the same ops).
     None: ``Runner.compile_step``'s default (lean where compiled on CUDA if
     ``runners.LEAN_BY_DEFAULT``, the model's ops elsewhere); False: the model's ops."""
     fold_norms: bool = False
-    """With fused_linear or the lean path (lean not False): the norm weights folded into
-    wqkv, w1|w3 (and the fused head) (extra memory)."""
+    """With the lean path (lean not False): the norm weights folded into wqkv and w1|w3 (extra
+    memory)."""
     repeat: int = 1
     """Timed runs; the fastest counts."""
     seed: int = 0
@@ -81,7 +78,7 @@ class SpeedConfig:
             raise ValueError("cuda_graphs needs compile (CUDA graphs come from torch.compile mode='reduce-overhead')")
         if self.autotune and not self.compile:
             raise ValueError("autotune needs compile (it is a torch.compile mode)")
-        bad = decode_path_error(self.lean, self.fold_norms, self.fused_linear, FIELDS)
+        bad = decode_path_error(self.lean, self.fold_norms, FIELDS)
         if bad:
             raise ValueError(bad)
         if self.graph_mode not in ("trees", "runner"):
@@ -117,9 +114,7 @@ def build_runner(model, cfg: SpeedConfig, chunk_size: Optional[int]) -> Runner:
     """A runner for ``cfg``'s batch and length, compiled as ``cfg`` says."""
     runner = make_runner(model, cfg.batch, cfg.prompt_len + cfg.gen_len, runner_chunk_size(model, chunk_size),
                          attend_bucket=cfg.attend_bucket)
-    if cfg.fused_linear:
-        runner.fuse_linears(fold_norms=cfg.fold_norms)
-    elif lean_requested(cfg.lean, cfg.fold_norms):
+    if lean_requested(cfg.lean, cfg.fold_norms):
         runner.lean_linears(fold_norms=cfg.fold_norms)
     if cfg.compile:
         graphs = "graphs" if cfg.graph_mode == "runner" else "reduce-overhead"
@@ -173,7 +168,7 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 gen_len=cfg.gen_len, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 device=device.type, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                 graph_mode=cfg.graph_mode if cfg.cuda_graphs else None, autotune=cfg.autotune,
-                fused_linear=cfg.fused_linear, lean="lean" in runner.decode_paths, fold_norms=cfg.fold_norms,
+                lean="lean" in runner.decode_paths, fold_norms=cfg.fold_norms,
                 decode_paths="+".join(sorted(set(runner.decode_paths))), seconds=sec,
                 tokens_per_s=cfg.batch * cfg.gen_len / sec, ms_per_step=1e3 * sec / cfg.gen_len, warmup_s=warm_s,
                 recompiles_while_timed=compiled_graphs() - graphs_before,

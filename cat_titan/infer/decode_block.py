@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.common import apply_rope
 from .decode_attention import kernel_config, reference_decode_attention
-from .decode_linear import rope_and_write_kv, row_rsqrt
 
 try:
     import triton
@@ -51,6 +51,34 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
 def use_kernel(x: Tensor) -> bool:
     """Where the kernels run: CUDA tensors (tests route CPU tensors through Triton's interpreter)."""
     return x.is_cuda
+
+
+# ----------------------------------------------------------------------------------------
+# folded norms and the step's RoPE + cache writes, as the model computes them
+# ----------------------------------------------------------------------------------------
+def row_rsqrt(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm's row scale in float32: x (M, D) -> rsqrt(mean(x^2) + eps) (M, 1)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def fold_norm_weight(w: Tensor, g: Tensor) -> Tensor:
+    """w (N, K) with an RMSNorm weight g (K,) folded in: RMSNorm(x) w^T = r(x) * (x (w g)^T),
+    r(x) the row scale. Rounded once to w's dtype (the unfolded path rounds x * g instead)."""
+    return (w.float() * g.float()).to(w.dtype)
+
+
+def rope_and_write_kv(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
+                      T: int, G: int) -> Tensor:
+    """The projection's rows qkv (M, Hkv*(G+2)*hd), per KV head [G q | k | v]: RoPE on k and q
+    (cos/sin (M, hd)), k and v written at [m // T, :, cols[m]] of the caches (B, Hkv, N, hd);
+    returns the rotated q (M, Hq, hd)."""
+    M, hd = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.view(M, -1, (G + 2) * hd).split([G * hd, hd, hd], dim=-1)  # per KV head
+    rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
+    rows = torch.arange(M, device=qkv.device) // T
+    k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
+    v_cache[rows, :, cols] = v
+    return rope(q.reshape(M, -1, hd))  # (M, Hq, hd)
 
 
 # ----------------------------------------------------------------------------------------

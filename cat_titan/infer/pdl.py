@@ -16,10 +16,9 @@ kernel is launched while the current one runs:
   launch parks the next grid's programs on the SMs, blocked in their wait, while this grid
   may still have programs to place: "late" keeps them off until this grid's work is placed
   and nearly done, and still hides the next launch behind the epilogues and the tail;
-* mode "prefetch": before its wait a program asks L2 for its own slice of the weight (one bulk
-  prefetch per weight row, ``cp.async.bulk.prefetch.L2``), so the weight streams from HBM
-  while the previous kernel still runs. The weights are constant during a step, so nothing
-  read before the wait can be stale.
+* mode "prefetch": was for the fused decode linears (removed; git history at 3c1516e), which
+  asked L2 for their weight slice before the wait; the attention kernel has no weight and
+  launches as "wait".
 
 Because every program of every PDL kernel waits, a kernel that finishes has seen its own
 predecessor finish: a read two kernels back is ordered as well. Kernels without PDL (cuBLAS,
@@ -27,7 +26,7 @@ inductor's) are ordinary stream order on either side.
 
 The decode kernels take the PDL launch only outside torch.compile's code generation:
 inductor launches user Triton kernels without launch attributes, so with PDL on the ops
-are opaque custom ops (``decode_linear_pdl`` ...) that launch the kernel themselves.
+are opaque custom ops (``decode_attention_pdl``) that launch the kernel themselves.
 Inductor's own kernels have their own switch (``torch._inductor.config.triton.enable_pdl``;
 ``tools/bench_generate.py --pdl`` sets both).
 

@@ -51,11 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.common import Attention, RMSNorm, apply_rope, attend
+from ..models.common import Attention, apply_rope, attend
 from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
-from .decode_block import lean_block_forward, rope_attention
-from .decode_linear import decode_linear, decode_qkv, fold_norm_weight, make_locks
+from .decode_block import fold_norm_weight, lean_block_forward, rope_attention
 
 # Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+0.4-2% at
 # batch 64, H100, docs/benchmarks.md sessions 18 and 20) and exact in every test that ran, but
@@ -100,21 +99,6 @@ def block_forward(layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Ten
     if gate_up is None:
         return h + ff(u)
     return h + ff.gated(*F.linear(u, gate_up).chunk(2, dim=-1))  # (B, S, 2F) -> 2 x (B, S, F)
-
-
-def fused_block_forward(layer: nn.Module, x: Tensor, attend: Callable[[Tensor], Tensor], gate_up: Tensor,
-                        locks: Tensor, folded: bool = False) -> Tensor:
-    """``block_forward`` as four kernels around the attention: norm + wqkv + RoPE + cache
-    writes (``KVCache.attend_fused``), wo + residual, norm + w1|w3 + SwiGLU, w2 + residual.
-    x (B, T, D) -> (B, T, D); attend: x (B, T, D), before the norm -> heads (B, Hq, T, hd).
-    folded: gate_up carries ffn_norm's weight (``fold_norm_weight``)."""
-    B, T, D = x.shape
-    attn, ff = layer.attention, layer.feed_forward
-    x2 = x.reshape(B * T, D)
-    y = attend(x).transpose(1, 2).reshape(B * T, -1)  # (B, Hq, T, hd) -> (BT, Hq*hd)
-    h = decode_linear(y, attn.wo.weight, locks, residual=x2)  # (BT, D)
-    u = decode_linear(h, gate_up, locks, norm=layer.ffn_norm, swiglu=True, norm_in_w=folded)  # (BT, F)
-    return decode_linear(u, ff.w2.weight, locks, residual=h).view(B, T, D)
 
 
 _GATE_UP = "_cat_titan_gate_up"
@@ -177,22 +161,6 @@ class KVCache(nn.Module):
         self.v[rows, :, cols] = v.transpose(1, 2)
         keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
         return attn_output(attn, decode_attention(q, keys, values, lengths))  # (B, Hq, T, hd) -> (B, T, D)
-
-    def attend_fused(self, attn: Attention, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
-                     lengths: Tensor, locks: Tensor, n_cols: Optional[int] = None,
-                     folded_wqkv: Optional[Tensor] = None) -> Tensor:
-        """``attend`` before ``wo`` with the block's norm, the projection, RoPE and the K/V
-        writes as one kernel (``decode_qkv``): x (B, T, D), not yet normed -> heads (B, Hq, T, hd).
-        folded_wqkv: wqkv with the norm's weight in it (``fold_norm_weight``), used instead."""
-        B, T, D = x.shape
-        hd = attn.head_dim
-        flat = lambda t: t.reshape(B * T, -1).contiguous()  # (B, 1, T, n) tables, (B, T) columns -> rows
-        w = attn.wqkv.weight if folded_wqkv is None else folded_wqkv
-        q = decode_qkv(x.reshape(B * T, D), w, locks, norm, self.k, self.v, flat(cos), flat(sin),
-                       flat(cols)[:, 0], T, attn.group, norm_in_w=folded_wqkv is not None)  # (BT, Hq*hd); K/V written
-        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, hd)
-        keys, values = (self.k, self.v) if n_cols is None else (self.k[:, :, :n_cols], self.v[:, :, :n_cols])
-        return decode_attention(q, keys, values, lengths)
 
     @property
     def columns(self) -> int:
@@ -278,16 +246,13 @@ class Runner(nn.Module):
         self._graph_pool = None
         # Per layer, the feed-forward's fused w1|w3 weight (fuse_weights; compile_step on CUDA).
         self._gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
-        # Per layer, how its block runs in a decode step: "ops" (the model's modules), "fused"
-        # (decode_linear kernels, fuse_linears; their split-K counters are the ``locks`` buffer,
-        # registered then) or "lean" (decode_block.py, lean_linears).
+        # Per layer, how its block runs in a decode step: "ops" (the model's modules) or "lean"
+        # (decode_block.py, lean_linears).
         self._path: list[str] = ["ops"] * len(model.layers)
-        self.fused_head = False
         # fold_norms=True: per layer, wqkv and w1|w3 with their norm's weight
-        # folded in (fold_norm_weight), and the head's; refreshed when a source tensor changes.
+        # folded in (fold_norm_weight); refreshed when a source tensor changes.
         self._folded_qkv: list[Optional[Tensor]] = [None] * len(model.layers)
         self._folded_gate_up: list[Optional[Tensor]] = [None] * len(model.layers)
-        self._folded_head: Optional[Tensor] = None
         self._fold_sources: Optional[tuple] = None  # (data_ptr, _version) of every folded source
 
     def fuse_weights(self) -> None:
@@ -313,20 +278,17 @@ class Runner(nn.Module):
             self._fold()
 
     def _fold_inputs(self) -> list[tuple[str, int, Tensor, Tensor]]:
-        """(kind, layer, weight, norm weight) of every linear the fused step runs folded."""
+        """(kind, layer, weight, norm weight) of every linear the lean step runs folded."""
         out = []
         for i, layer in enumerate(self.model.layers):
             if self._path[i] != "ops":
                 out.append(("qkv", i, layer.attention.wqkv.weight, layer.attention_norm.weight))
                 out.append(("gate_up", i, self._gate_up[i], layer.ffn_norm.weight))
-        if self.fused_head:
-            out.append(("head", -1, self.model.head.output.weight, self.model.head.norm.weight))
         return out
 
     def _clear_folded(self) -> None:
         self._folded_qkv[:] = [None] * len(self._folded_qkv)  # same list objects: compiled steps read them
         self._folded_gate_up[:] = [None] * len(self._folded_gate_up)
-        self._folded_head = None
         self._fold_sources = None
 
     def _fold(self) -> None:
@@ -342,59 +304,33 @@ class Runner(nn.Module):
                 f = fold_norm_weight(w.detach(), g.detach())
                 if kind == "qkv":
                     self._folded_qkv[i] = f
-                elif kind == "gate_up":
-                    self._folded_gate_up[i] = f
                 else:
-                    self._folded_head = f
+                    self._folded_gate_up[i] = f
         self._fold_sources = sources
         if self._graphs:
             self._graphs.clear()
-
-    def fuse_linears(self, fold_norms: bool = False) -> list[bool]:
-        """Run each decode step's linears as ``decode_linear`` kernels (CUDA): per block, norm +
-        wqkv + RoPE + K/V cache writes (``decode_qkv``), wo + residual, norm + w1|w3 + SwiGLU,
-        w2 + residual; and norm + head. For blocks
-        of plain attention (no q/k norm) and SwiGLU weights that ``fuse_gate_up`` can fuse; the
-        others keep the unfused ops. Off CUDA the same code runs the model's modules. Returns
-        which layers are fused. Call before ``compile_step``.
-
-        fold_norms: the three normed linears use copies of their weights with the norm's
-        weight folded in (``fold_norm_weight``: extra memory of wqkv, w1|w3 and the head), so
-        the kernels apply only the norm's row scale (experimental; session 12)."""
-        if "locks" not in self._buffers:
-            p = next(self.model.parameters())
-            self.register_buffer("locks", make_locks(p.device), persistent=False)
-        head = self.model.head
-        self.fused_head = type(head.norm) is RMSNorm and type(head.output.weight.data) is torch.Tensor  # not DTensors
-        return self._set_path("fused", fold_norms)
 
     def lean_linears(self, fold_norms: bool = False) -> list[bool]:
         """Run each decode step's blocks as the lean path (decode_block.py): cuBLAS matmuls,
         RoPE + cache writes + attention as one kernel, the residual adds inside the wo and w2
         GEMMs. fold_norms: wqkv and w1|w3 use copies with their norm's weight folded in (extra
-        memory of those weights), which removes the two norm kernels of a block. For the
-        same blocks as ``fuse_linears`` (which it replaces); the others keep the model's ops.
-        Off CUDA the same code runs the reference ops. Returns which layers are lean. Call
-        before ``compile_step``."""
-        self.fused_head = False
-        return self._set_path("lean", fold_norms)
-
-    def _set_path(self, path: str, fold_norms: bool) -> list[bool]:
-        """Every block that can (``_fusable``, w1|w3 fusable) runs as ``path``, the others as the
-        model's ops; the captured graphs and folded weights are redone. Returns which run as path."""
+        memory of those weights), which removes the two norm kernels of a block. For blocks of
+        plain attention (no q/k norm) whose w1 and w3 ``fuse_gate_up`` can fuse; the others keep
+        the model's ops. Off CUDA the same code runs the reference ops. The captured graphs and
+        folded weights are redone. Returns which layers are lean. Call before ``compile_step``."""
         self.fuse_weights()
-        self._path[:] = [path if self._fusable(layer) and g is not None else "ops"
+        self._path[:] = ["lean" if self._fusable(layer) and g is not None else "ops"
                          for layer, g in zip(self.model.layers, self._gate_up)]
         if self._graphs:
             self._graphs.clear()
         self._clear_folded()
         if fold_norms:
-            self._fold()  # reads fused_head: set before
-        return [p == path for p in self._path]
+            self._fold()
+        return [p == "lean" for p in self._path]
 
     @property
     def decode_paths(self) -> tuple[str, ...]:
-        """Per layer, how its block runs in a decode step: 'ops', 'fused' or 'lean'."""
+        """Per layer, how its block runs in a decode step: 'ops' or 'lean'."""
         return tuple(self._path)
 
     @staticmethod
@@ -402,17 +338,13 @@ class Runner(nn.Module):
         attn = layer.attention
         return type(attn) is Attention and attn.q_norm is None
 
-    def _block(self, i: int, layer: nn.Module, x: Tensor, attend_fused: Callable[[Tensor], Tensor],
-               attention: Callable[[Tensor], Tensor], attend_lean: Optional[Callable[..., Tensor]] = None) -> Tensor:
-        """Layer i of a decode step: lean (``lean_linears``), fused (``fuse_linears``) or as the
-        model's ops."""
+    def _block(self, i: int, layer: nn.Module, x: Tensor, attention: Callable[[Tensor], Tensor],
+               attend_lean: Optional[Callable[..., Tensor]]) -> Tensor:
+        """Layer i of a decode step: lean (``lean_linears``; attend_lean: its attention) or as the
+        model's ops (attention)."""
         if self._path[i] == "lean":
             return lean_block_forward(layer, x, attend_lean, self._gate_up[i], self._folded_qkv[i],
                                       self._folded_gate_up[i])
-        if self._path[i] == "fused":
-            folded = self._folded_gate_up[i]
-            return fused_block_forward(layer, x, attend_fused, self._gate_up[i] if folded is None else folded,
-                                       self.locks, folded is not None)
         return block_forward(layer, x, attention, self._gate_up[i])
 
     # Both passes run on the host's knowledge of positions (pos_host, a CPU tensor equal to
@@ -514,12 +446,7 @@ class Runner(nn.Module):
 
     def _head(self, h: Tensor) -> Tensor:
         """Output head on one position per row: (B, D) -> (B, V)."""
-        head = self.model.head
-        if self.fused_head:
-            folded = self._folded_head
-            return decode_linear(h, head.output.weight if folded is None else folded, self.locks, norm=head.norm,
-                                 norm_in_w=folded is not None)
-        return head(h[:, None])[:, 0]
+        return self.model.head(h[:, None])[:, 0]
 
 
 class CatRunner(Runner):
@@ -638,9 +565,6 @@ class CatRunner(Runner):
         flat = (cos.reshape(B * T, -1), sin.reshape(B * T, -1), col.reshape(-1), lengths.reshape(-1))  # rows b*T+t
         for i, (layer, cache) in enumerate(zip(m.layers, self.kv)):
             x = self._block(i, layer, x,
-                            lambda u, i=i, layer=layer, cache=cache: cache.attend_fused(
-                                layer.attention, layer.attention_norm, u, cos, sin, col, lengths, self.locks,
-                                folded_wqkv=self._folded_qkv[i]),
                             lambda u, a=layer.attention, cache=cache: cache.attend(a, u, cos, sin, col, lengths),
                             lambda qkv, h, layer=layer, cache=cache: rope_attention(
                                 qkv, cache.k, cache.v, *flat, T, layer.attention.group, h, layer.attention_norm.eps))
@@ -751,10 +675,6 @@ class StackRunner(Runner):
             hidden_rows, hidden_phase = _rows(pos), (pos % self.chunk_size)[:, None]  # (B, 1) each
         for i, (kind_i, layer, cache) in enumerate(zip(self.kinds, m.layers, self.kv)):
             if kind_i == "dense":
-                def attend_fused(u, i=i, layer=layer, cache=cache):
-                    return cache.attend_fused(layer.attention, layer.attention_norm, u, dense_cos, dense_sin, dense_col,
-                                              dense_len, self.locks, n_dense, folded_wqkv=self._folded_qkv[i])
-
                 def attention(u, layer=layer, cache=cache):
                     return cache.attend(layer.attention, u, dense_cos, dense_sin, dense_col, dense_len, n_dense)
 
@@ -772,8 +692,8 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-                attend_fused = attend_lean = None  # CAT layers are not fused (_fusable)
-            x = self._block(i, layer, x, attend_fused, attention, attend_lean)
+                attend_lean = None  # CAT layers keep the model's ops (_fusable)
+            x = self._block(i, layer, x, attention, attend_lean)
         return self._head(x[:, 0])
 
 

@@ -9,14 +9,17 @@
 * Generation through lean runners, eager and compiled by inductor on CPU, with and without
   folded norms, against the default runner and greedy decoding by full forward passes
   (tokens equal; logits to 1e-4); the compiled step updates the residual stream in place
-  (no copy around ``residual_linear_``). Refolding after the weights change:
-  test_decode_linear.py's folded-norms test, for both paths.
+  (no copy around ``residual_linear_``). After the weights change in place, the folded
+  weights are refolded.
 * Generation with the kernels interpreted inside the lean runner.
+* Without a GPU: the kernels compiled for sm_90, torch.compile's view of what they write,
+  and their sources as inductor embeds them.
 On CUDA: test_generate_cuda.py.
 """
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +30,11 @@ from cat_titan.infer.decode_block import (reference_rope_attention, reference_sw
 from cat_titan.models.common import RMSNorm, apply_rope
 
 from .. import interpreter
+from ..hopper import HOPPER_OK, HOPPER_WHY_NOT
 from ..interpreter import INTERPRETABLE, WHY_NOT
-from .util import debug_model, greedy_by_full_forward
+from .util import debug_model, greedy_by_full_forward, perturbed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # (B, Hkv, G, T, N, hd, fold)
 SHAPES = [(2, 2, 1, 1, 40, 16, False), (3, 2, 2, 2, 70, 32, True), (2, 1, 4, 1, 9, 64, True),
@@ -164,6 +170,34 @@ def test_lean_runner_generates_the_model_tokens(name, chunk, fold):
         assert (torch.stack([s.logits for s in steps], 1)[b] - want_logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["debug-cat", "debug-dense", "debug-hybrid"])
+def test_lean_runner_with_folded_norms_follows_the_weights(name):
+    """lean_linears(fold_norms=True) off CUDA: the reference path with the norm weights folded
+    into wqkv and w1|w3 gives greedy decoding by full forward passes (tokens equal, logits to
+    1e-4: the weights are rounded once more). After the model's norm and head weights change in
+    place, the next generation refolds and follows the changed model."""
+    model = perturbed(name)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (4, 9)]
+    runner = make_runner(model, 2, 9 + 10, model.args.chunk_size)
+    lean = runner.lean_linears(fold_norms=True)
+    assert any(lean) and runner._folded_qkv[lean.index(True)] is not None
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, RMSNorm):
+                        m.weight.mul_(torch.linspace(0.5, 1.5, m.weight.numel()))
+                model.head.output.weight.mul_(1.25)
+        steps = list(stream(model, prompts, 10, runner=runner))
+        tokens = torch.stack([s.tokens for s in steps], 1)
+        logits = torch.stack([s.logits for s in steps], 1)
+        for b, p in enumerate(prompts):
+            want, want_logits = greedy_by_full_forward(model, p, 10)
+            assert tokens[b].tolist() == want, (change, b)
+            assert (logits[b] - want_logits).abs().max().item() <= 1e-4, (change, b)
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_compiled_lean_step_is_exact_and_updates_the_residual_in_place(fold):
     from cat_titan.infer.profiling import decode_graph_code
@@ -250,11 +284,10 @@ def test_cuda_kernels_bf16_within_the_unfused_error(T, fold):
 
 COMPILE_CHECK = textwrap.dedent("""
     import json, torch
-    from tests.hopper import activate, written
+    from tests.hopper import activate, compile_for_hopper, written
 
     activate()
     from cat_titan.infer import decode_attention as da, decode_block as db
-    from tests.infer.test_decode_linear import compile_for_hopper
 
     bf, out = torch.bfloat16, {}
     t = lambda *s, dtype=bf: torch.zeros(*s, dtype=dtype)
@@ -286,6 +319,7 @@ COMPILE_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(not HOPPER_OK, reason=HOPPER_WHY_NOT)
 def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
     """Without a GPU: the kernels compile for sm_90 (ptxas from triton's wheel), and
     torch.compile's analysis of each (from its TTIR, through the shared ``attend_visible``)
@@ -295,10 +329,6 @@ def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
     import subprocess
     import sys
 
-    from .test_decode_linear import HOPPER_OK, HOPPER_WHY_NOT, ROOT
-
-    if not HOPPER_OK:
-        pytest.skip(HOPPER_WHY_NOT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
@@ -309,11 +339,30 @@ def test_kernels_compile_for_hopper_and_compile_sees_what_they_write():
         "swiglu_rows": ["Out"], "decode_attention": ["Out"]}
 
 
+def test_kernel_sources_inductor_embeds_have_no_backslash():
+    """torch.compile pastes a user kernel's source (and the jit functions it calls) into its
+    generated module inside a string literal; torch 2.11 does not escape it, so a backslash
+    (e.g. a '\\n' in an inline-asm string) ends the literal: on an H100 (session 13) the fused
+    decode step (since removed) failed to compile with "unterminated string literal"."""
+    pytest.importorskip("triton", reason="triton is not installed: no kernel source to embed")
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+    closure = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+    if closure is None:
+        pytest.skip(f"torch {torch.__version__} has no user_defined_triton_kernel_transitive_closure_source_code")
+    from cat_titan.infer import decode_attention as da
+    from cat_titan.infer import decode_block as db
+
+    for kernel in (da._decode_kernel, db._rope_attention_kernel, db._swiglu_rows_kernel):
+        src = closure(kernel)
+        assert "def attend_visible" in src or kernel is db._swiglu_rows_kernel  # the closure reaches the helpers
+        assert "\\" not in src, (kernel.fn.__name__, [line for line in src.splitlines() if "\\" in line])
+
+
 def test_compile_step_takes_the_lean_path_only_where_none_was_chosen():
     """compile_step(lean=...): None runs the lean blocks on CUDA only, and only if
     runners.LEAN_BY_DEFAULT (on CUDA: test_generate_cuda.py), so on CPU the model's ops stay;
     True makes every fusable block lean, the others keep their ops; a path chosen before
-    (fused, lean with folded norms) is kept, and lean=False never changes one. torch.compile
+    (lean with folded norms) is kept, and lean=False never changes one. torch.compile
     is lazy: nothing compiles here."""
     def runner(name, before=None, **kw):
         model = debug_model(name)
@@ -330,6 +379,6 @@ def test_compile_step_takes_the_lean_path_only_where_none_was_chosen():
     assert set(hybrid.decode_paths) == {"lean", "ops"}
     assert all((p == "lean") == (k == "dense") for p, k in zip(hybrid.decode_paths, hybrid.kinds))
     assert set(runner("debug-cat-layer", lean=True).decode_paths) == {"ops"}  # CAT layers: not fusable
-    assert set(runner("debug-cat", lambda r: r.fuse_linears(), lean=True).decode_paths) == {"fused"}
-    folded = runner("debug-cat", lambda r: r.lean_linears(fold_norms=True), lean=False)
-    assert set(folded.decode_paths) == {"lean"} and folded._folded_qkv[0] is not None
+    for lean in (True, False):  # lean=True does not redo the path: the folded weights stay
+        folded = runner("debug-cat", lambda r: r.lean_linears(fold_norms=True), lean=lean)
+        assert set(folded.decode_paths) == {"lean"} and folded._folded_qkv[0] is not None

@@ -113,27 +113,18 @@ def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk, mode):
     assert generate(model, prompts, 26, chunk_size=chunk, runner=runner) == want
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead", "graphs"])
-@pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None),
-                                        ("debug-hybrid", None)])
-def test_cuda_fused_linears_equal_eager(name, chunk, mode):
-    """Blocks and head as decode_linear kernels (fp32: IEEE dots), eager, compiled and in
-    CUDA graphs: the unfused eager tokens, logits to 1e-4."""
-    check_runner_generation(name, chunk, mode)
-
-
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("mode", [None, "graphs"])
 @pytest.mark.parametrize("name,chunk", [("debug-cat", None), ("debug-cat-adaptive", 4), ("debug-dense", None),
                                         ("debug-hybrid", None)])
 def test_cuda_lean_blocks_equal_eager(name, chunk, mode, fold):
     """Lean blocks (cuBLAS + rope_attention + in-place residual GEMMs; fp32), eager and
-    compiled in the runner's CUDA graphs: the unfused eager tokens, logits to 1e-4."""
-    check_runner_generation(name, chunk, mode, fuse=False, lean=(fold,))
+    compiled in the runner's CUDA graphs: the model's eager tokens, logits to 1e-4."""
+    check_runner_generation(name, chunk, mode, lean=(fold,))
 
 
-def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, lean=None, default_lean=None):
-    """A runner's generation (fused linears; fuse=False: its default step, or with
+def check_runner_generation(name, chunk, mode, after_reference=None, lean=None, default_lean=None):
+    """A runner's generation (lean=(fold_norms,): the lean blocks; else its default step, or with
     default_lean given, compile_step(lean=default_lean)) against eager generation by the model:
     tokens equal, logits to 1e-4, twice (the second run replays the graphs). after_reference()
     runs between the two (test_pdl.py: turns PDL launches on)."""
@@ -143,9 +134,6 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
     if after_reference is not None:
         after_reference()
     runner = make_runner(model, len(prompts), 13 + 24, chunk or model.args.chunk_size)
-    if fuse:
-        fused = runner.fuse_linears()
-        assert any(fused) and runner.fused_head
     if lean is not None:  # (fold_norms,)
         assert any(runner.lean_linears(fold_norms=lean[0]))
     if mode is not None:
@@ -154,5 +142,3 @@ def check_runner_generation(name, chunk, mode, after_reference=None, fuse=True, 
         steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
         assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
         assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, want)) <= 1e-4
-    if fuse:
-        assert int(runner.locks.abs().sum()) == 0

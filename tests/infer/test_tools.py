@@ -342,34 +342,3 @@ def test_evaluate_refuses_bad_loss_options_before_loading(tmp_path, capsys):
     for named in ("--max-batches -1", "--seq-len 0", "--batch-size 0"):
         assert named in err, err
     assert not out.exists()
-
-
-def test_bench_generate_loads_tuned_linear_tiles_or_refuses_the_file(tmp_path, capsys):
-    """--linear-config FILE (bench_attention --decode-linear --write-config) is loaded before
-    any model is built; a file without entries is refused with the fix, and so is the flag
-    without --fused-linear."""
-    from cat_titan.infer import decode_linear as dl
-
-    if dl.triton is None:
-        pytest.skip("triton is not installed: decode_linear has no tiles to load")
-    bench = _tool("bench_generate")
-    small = ["--cat-preset", "debug-cat", "--dense-preset", "", "--chunk-sizes", "8", "--batch", "2",
-             "--prompt-len", "5", "--gen-len", "4", "--device", "cpu", "--dtype", "fp32"]
-    bad = tmp_path / "bad.json"
-    bad.write_text("{}")
-    for extra, msg in ((["--fused-linear", "--linear-config", str(bad)], "--write-config FILE"),
-                       (["--linear-config", str(bad)], "needs --fused-linear")):
-        with pytest.raises(SystemExit) as e:
-            bench.main(small + extra)
-        assert e.value.code == 2 and msg in capsys.readouterr().err
-    good = tmp_path / "tuned.json"
-    entry = dict(M=2, N=96, K=32, swiglu=False, qkv=True, config=dict(BK=16, PROGRAMS=3))
-    good.write_text(json.dumps({"entries": [entry]}))
-    saved = dict(dl.TUNED)
-    try:
-        assert bench.main(small + ["--fused-linear", "--linear-config", str(good)]) == 0
-        assert dl.TUNED[(2, 96, 32, False, True)] == dict(BK=16, PROGRAMS=3)
-        assert "tuned tiles for 1 shapes" in capsys.readouterr().err
-    finally:
-        dl.TUNED.clear()
-        dl.TUNED.update(saved)
