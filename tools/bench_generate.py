@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402
-from cat_titan.infer import pdl  # noqa: E402
 from cat_titan.infer.bench import SpeedConfig, build_runner, measure_generation, random_prompts  # noqa: E402
 from cat_titan.models.registry import build_model, get_preset  # noqa: E402
 
@@ -119,11 +118,6 @@ def main(argv=None) -> int:
     p.add_argument("--autotune", action="store_true",
                    help="with --compile: inductor max-autotune for the step's matmuls (slower compilation)")
     add_decode_path_args(p)
-    p.add_argument("--pdl", choices=pdl.MODES, default="off",
-                   help="programmatic dependent launch (Hopper+; cat_titan.infer.pdl): the decode attention "
-                        "kernel and inductor's own kernels launch while the previous kernel runs; late: each kernel "
-                        "lets the next launch only after its main loop (experimental, off by default: "
-                        "docs/benchmarks.md, sessions 13-14)")
     p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
                    help="the library torch's matmuls (the decode step's GEMMs) go through "
                         "(torch.backends.cuda.preferred_blas_library; default: torch's, cuBLAS unless "
@@ -148,18 +142,6 @@ def main(argv=None) -> int:
     if bad:
         p.error(bad)
     device = torch.device(a.device)
-    if a.pdl != "off":
-        ok, why = pdl.supported(device) if device.type == "cuda" else (False, f"device {device}")
-        if not ok:
-            p.error(f"--pdl {a.pdl} needs a CUDA device of compute capability 9.0 or later: {why}; use --pdl off")
-        import torch._inductor.config as inductor_config
-
-        pdl.set_mode(a.pdl)
-        if hasattr(inductor_config.triton, "enable_pdl"):
-            inductor_config.triton.enable_pdl = True  # inductor's own kernels (the unfused path's pointwise)
-        else:
-            print(f"torch {torch.__version__}: inductor has no triton.enable_pdl; only cat_titan's kernels use PDL",
-                  file=sys.stderr)
     if a.blas != "default":
         if device.type != "cuda":
             p.error(f"--blas {a.blas} picks a CUDA library; device is {device} (use --blas default)")
@@ -177,7 +159,7 @@ def main(argv=None) -> int:
     paths = "/".join(sorted({r["decode_paths"] for r in rows}))  # per model: "lean", "ops", "lean+ops" (hybrids)
     print(f"device {name}, dtype {a.dtype}, compile {a.compile} (autotune {a.autotune}), "
           f"cuda graphs {a.cuda_graphs} ({a.graph_mode}), decode paths {paths} "
-          f"(norms folded {a.fold_norms}), pdl {a.pdl}, blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
+          f"(norms folded {a.fold_norms}), blas {blas}, prompt {a.prompt_len}, torch {torch.__version__}")
     print(_table(rows))
     if a.profile:
         from cat_titan.infer.profiling import write_index

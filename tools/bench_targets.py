@@ -85,8 +85,7 @@ def jobs(a) -> list[Job]:
         out.append(Job(f"train-cat-{i + 1}", [bt, "--config", c8, *steps, *(anchor if i == 0 else []), *small],
                        note="reference-sized CAT, chunk 8" + (" (+ torchtitan at the decoder's size)"
                                                               if i == 0 and anchor else "")))
-    decode_path = (["--pdl", a.pdl] if a.pdl != "off" else []) + (
-        {True: ["--lean"], False: ["--no-lean"]}.get(a.lean, [])) + (["--fold-norms"] if a.fold_norms else [])
+    decode_path = {True: ["--lean"], False: ["--no-lean"]}.get(a.lean, []) + (["--fold-norms"] if a.fold_norms else [])
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),
@@ -251,8 +250,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-anchor", action="store_true", help="skip torchtitan (an optional dependency)")
     add_decode_path_args(p)
-    p.add_argument("--pdl", choices=("off", "wait", "prefetch", "late"), default="off",  # cat_titan.infer.pdl.MODES
-                   help="generation with programmatic dependent launch (bench_generate --pdl; Hopper+)")
     p.add_argument("--smoke", action="store_true", help="tiny presets on CPU: checks the plumbing, not speed")
     p.add_argument("--force", action="store_true", help="rerun jobs whose results are already in --out")
     a = p.parse_args(argv)

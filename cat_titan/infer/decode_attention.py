@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import pdl
-
 try:
     import triton
     import triton.language as tl
@@ -71,9 +69,6 @@ def kernel_config(hd: int, n_cols: int) -> dict:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
     if q.is_cuda and kernel_supports(q, k):
-        launch = pdl.launch_mode(q)
-        if launch != "off":  # 'prefetch' has no weight here: it launches as 'wait'
-            return torch.ops.cat_titan.decode_attention_pdl(q, k, v, lengths, launch)
         return torch.ops.cat_titan.decode_attention(q, k, v, lengths)
     return reference_decode_attention(q, k, v, lengths)
 
@@ -120,11 +115,7 @@ if triton is not None:
                        sl_b, sl_t, so_b, so_h, so_t, so_d,
                        HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr, HD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                       SCALE: tl.constexpr, PDL: tl.constexpr):
-        if PDL > 0:  # infer/pdl.py (pdl.trigger): q, the lengths and the cache's new columns come from earlier kernels
-            tl.extra.cuda.gdc_wait()
-            if PDL == 1:
-                tl.extra.cuda.gdc_launch_dependents()  # e.g. wo may prefetch its weight while this runs
+                       SCALE: tl.constexpr):
         pid = tl.program_id(0)
         b, h = pid // HKV, pid % HKV
         r = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), query r % T
@@ -137,19 +128,14 @@ if triton is not None:
         n_vis = tl.load(Lens + b * sl_b + qt * sl_t, mask=row_ok, other=1).to(tl.int32)  # (BLOCK_M,)
         acc, l_i = attend_visible(q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
                                   n_vis, d, BLOCK_M, BLOCK_N, HD, IEEE, SCALE)
-        if PDL == 2:  # 'late': the cache is streamed, only the store is left
-            tl.extra.cuda.gdc_launch_dependents()
         out = acc / l_i[:, None]
         tl.store(Out + b * so_b + qh[:, None] * so_h + qt[:, None] * so_t + d[None, :] * so_d,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     def launch_decode_kernel(kernel, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor,
-                             config: Optional[dict] = None, pdl_mode: str = "off") -> Tensor:
+                             config: Optional[dict] = None) -> Tensor:
         """Run ``kernel`` (``_decode_kernel``, or it wrapped for torch.compile); config:
-        BLOCK_N, num_warps, num_stages (default: ``kernel_config``). pdl_mode other than 'off': a
-        programmatic dependent launch (infer/pdl.py; ``kernel`` unwrapped: inductor drops launch
-        attributes)."""
-        launch = pdl.launch_args(pdl_mode, q, "decode attention")
+        BLOCK_N, num_warps, num_stages (default: ``kernel_config``)."""
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -161,18 +147,9 @@ if triton is not None:
             HKV=Hkv, G=G, T=T, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(G * T)),
             # SCALE is a constexpr: a float argument arrives as fp64 through torch.compile and
             # would promote the softmax statistics to fp64
-            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, **cfg, **launch)
+            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, **cfg)
         return out
 
     @torch.library.triton_op("cat_titan::decode_attention", mutates_args=())
     def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
         return launch_decode_kernel(torch.library.wrap_triton(_decode_kernel), q, k, v, lengths)
-
-    # PDL launch (infer/pdl.py): opaque to torch.compile, launched by Triton's own launcher
-    @torch.library.custom_op("cat_titan::decode_attention_pdl", mutates_args=())
-    def _decode_attention_pdl_op(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, pdl_mode: str) -> Tensor:
-        return launch_decode_kernel(_decode_kernel, q, k, v, lengths, pdl_mode=pdl_mode)
-
-    @_decode_attention_pdl_op.register_fake
-    def _(q, k, v, lengths, pdl_mode):
-        return q.new_empty(q.shape)  # (B, Hq, T, hd), contiguous as the launcher's

@@ -310,11 +310,11 @@ COMPILE_CHECK = textwrap.dedent("""
     kw = dict(Q=t(64, 24, 1, 64), K=t(64, 24, 266, 64), V=t(64, 24, 266, 64), Lens=t(64, 1, dtype=torch.long),
               Out=t(64, 24, 1, 64), sq_b=1536, sq_h=64, sq_t=64, sq_d=1, sk_b=408576, sk_h=17024, sk_n=64, sk_d=1,
               sv_b=408576, sv_h=17024, sv_n=64, sv_d=1, sl_b=1, sl_t=1, so_b=1536, so_h=64, so_t=64, so_d=1,
-              HKV=24, G=1, T=1, HD=64, BLOCK_M=16, BLOCK_N=32, IEEE=False, SCALE=0.125, PDL=0)
+              HKV=24, G=1, T=1, HD=64, BLOCK_M=16, BLOCK_N=32, IEEE=False, SCALE=0.125)
     out["decode_attention"] = written(da._decode_kernel, kw)
     compile_for_hopper(da._decode_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i64", Out="*bf16"),
                        dict(sq_d=1, sk_d=1, sv_d=1, so_d=1, HKV=24, G=1, T=1, HD=64, BLOCK_M=16, BLOCK_N=32,
-                            IEEE=False, SCALE=0.125, PDL=0), num_warps=1, num_stages=2)
+                            IEEE=False, SCALE=0.125), num_warps=1, num_stages=2)
     print(json.dumps(out))
 """)
 

@@ -119,26 +119,16 @@ def test_cuda_aligned_rows_compress_inside_the_cuda_graph(name, chunk, mode):
                                         ("debug-hybrid", None)])
 def test_cuda_lean_blocks_equal_eager(name, chunk, mode, fold):
     """Lean blocks (cuBLAS + rope_attention + in-place residual GEMMs; fp32), eager and
-    compiled in the runner's CUDA graphs: the model's eager tokens, logits to 1e-4."""
-    check_runner_generation(name, chunk, mode, lean=(fold,))
-
-
-def check_runner_generation(name, chunk, mode, after_reference=None, lean=None, default_lean=None):
-    """A runner's generation (lean=(fold_norms,): the lean blocks; else its default step, or with
-    default_lean given, compile_step(lean=default_lean)) against eager generation by the model:
-    tokens equal, logits to 1e-4, twice (the second run replays the graphs). after_reference()
-    runs between the two (test_pdl.py: turns PDL launches on)."""
+    compiled in the runner's CUDA graphs: the model's eager tokens, logits to 1e-4, twice (the
+    second run replays the graphs on new cache contents)."""
     model = _cuda(name)
     prompts = _prompts((6, 9, 13), seed=13)
     want = list(stream(model, prompts, 24, chunk_size=chunk))
-    if after_reference is not None:
-        after_reference()
     runner = make_runner(model, len(prompts), 13 + 24, chunk or model.args.chunk_size)
-    if lean is not None:  # (fold_norms,)
-        assert any(runner.lean_linears(fold_norms=lean[0]))
+    assert any(runner.lean_linears(fold_norms=fold))
     if mode is not None:
-        runner.compile_step(mode=mode, lean=default_lean)
-    for _ in range(2):  # the second run replays the graphs on new cache contents
+        runner.compile_step(mode=mode)
+    for _ in range(2):
         steps = list(stream(model, prompts, 24, chunk_size=chunk, runner=runner))
         assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
         assert max((a.logits - b.logits).abs().max().item() for a, b in zip(steps, want)) <= 1e-4
