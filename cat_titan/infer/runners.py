@@ -58,9 +58,9 @@ from .decode_block import fold_norm_weight, lean_block_forward, rope_attention
 
 # Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+0.4-2% at
 # batch 64, H100, docs/benchmarks.md sessions 18 and 20) and exact in every test that ran, but
-# the CUDA suites of the compiled default (cudagraph trees, PDL, attend buckets) have not run
-# with them yet. Set True once this passes on a GPU (it covers both paths):
-#   pytest tests/infer/test_generate_cuda.py tests/infer/test_pdl.py tests/infer/test_decode_graph.py
+# the CUDA suites of the compiled default (cudagraph trees, runner graphs, attend buckets, aligned
+# compression) have not run with them yet. Set True once these pass on a GPU (they cover both paths):
+#   pytest tests/infer/test_generate_cuda.py tests/infer/test_decode_graph.py tests/infer/test_decode_block.py
 LEAN_BY_DEFAULT = False
 
 
