@@ -28,6 +28,11 @@ def add_decode_path_args(p: argparse.ArgumentParser) -> None:
                         "batch-320 memory ratio)")
 
 
+def decode_path_argv(lean: Optional[bool], fold_norms: bool) -> list[str]:
+    """The flags of ``add_decode_path_args`` that give this choice (for a tool that runs another)."""
+    return {True: ["--lean"], False: ["--no-lean"]}.get(lean, []) + (["--fold-norms"] if fold_norms else [])
+
+
 def lean_requested(lean: Optional[bool], fold_norms: bool) -> bool:
     """Whether the caller asked for the lean path itself (``lean_linears`` before compiling):
     --lean, or --fold-norms, which folds the lean path's norms; otherwise ``compile_step``'s

@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cat_titan.decode_flags import add_decode_path_args, decode_path_error  # noqa: E402  (stdlib only: no torch)
+# decode_flags is stdlib only: this tool imports no torch
+from cat_titan.decode_flags import add_decode_path_args, decode_path_argv, decode_path_error  # noqa: E402
 
 # The issues' reference numbers (one H200 unless stated).
 REF_TRAIN_CAT_C8 = 75.8e3  # reference implementation, cat-150m, chunk 8, tokens/s
@@ -85,7 +86,7 @@ def jobs(a) -> list[Job]:
         out.append(Job(f"train-cat-{i + 1}", [bt, "--config", c8, *steps, *(anchor if i == 0 else []), *small],
                        note="reference-sized CAT, chunk 8" + (" (+ torchtitan at the decoder's size)"
                                                               if i == 0 and anchor else "")))
-    decode_path = {True: ["--lean"], False: ["--no-lean"]}.get(a.lean, []) + (["--fold-norms"] if a.fold_norms else [])
+    decode_path = decode_path_argv(a.lean, a.fold_norms)
     out += [
         Job("train-dense-768", [bt, "--config", dense, *steps, *anchor, *small], note="dense 768x12"),
         Job("train-dense-1536", [bt, "--config", dense, *steps, *anchor, *small, *dense_wide], note="dense 1536x12"),

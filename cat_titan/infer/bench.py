@@ -25,7 +25,7 @@ from __future__ import annotations
 import gc
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -176,6 +176,3 @@ def measure_generation(model, cfg: SpeedConfig, chunk_size: Optional[int] = None
                 state_mem_gib=(cache + param_bytes(model)) / 2**30, peak_mem_gib=peak_mem_gib(device),
                 peak_mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS")
 
-
-def speed_config_dict(cfg: SpeedConfig) -> dict:
-    return asdict(cfg)

@@ -54,7 +54,7 @@ def use_kernel(x: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# folded norms and the step's RoPE + cache writes, as the model computes them
+# folded norms
 # ----------------------------------------------------------------------------------------
 def row_rsqrt(x: Tensor, eps: float) -> Tensor:
     """RMSNorm's row scale in float32: x (M, D) -> rsqrt(mean(x^2) + eps) (M, 1)."""
@@ -65,20 +65,6 @@ def fold_norm_weight(w: Tensor, g: Tensor) -> Tensor:
     """w (N, K) with an RMSNorm weight g (K,) folded in: RMSNorm(x) w^T = r(x) * (x (w g)^T),
     r(x) the row scale. Rounded once to w's dtype (the unfolded path rounds x * g instead)."""
     return (w.float() * g.float()).to(w.dtype)
-
-
-def rope_and_write_kv(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, cols: Tensor,
-                      T: int, G: int) -> Tensor:
-    """The projection's rows qkv (M, Hkv*(G+2)*hd), per KV head [G q | k | v]: RoPE on k and q
-    (cos/sin (M, hd)), k and v written at [m // T, :, cols[m]] of the caches (B, Hkv, N, hd);
-    returns the rotated q (M, Hq, hd)."""
-    M, hd = qkv.shape[0], k_cache.shape[-1]
-    q, k, v = qkv.view(M, -1, (G + 2) * hd).split([G * hd, hd, hd], dim=-1)  # per KV head
-    rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
-    rows = torch.arange(M, device=qkv.device) // T
-    k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
-    v_cache[rows, :, cols] = v
-    return rope(q.reshape(M, -1, hd))  # (M, Hq, hd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,8 +84,12 @@ def reference_rope_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos:
     B, Hkv, _, hd = k_cache.shape
     if x is not None:
         qkv = (qkv.float() * row_rsqrt(x, eps)).to(qkv.dtype)
-    q = rope_and_write_kv(qkv, k_cache, v_cache, cos, sin, cols, T, G)  # (M, Hq, hd)
-    q = q.view(B, T, Hkv * G, hd).transpose(1, 2)  # (B, Hq, T, hd)
+    q, k, v = qkv.view(M, Hkv, (G + 2) * hd).split([G * hd, hd, hd], dim=-1)  # per KV head
+    rope = lambda t: apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # (H, M, hd) against (M, hd) tables
+    rows = torch.arange(M, device=qkv.device) // T
+    k_cache[rows, :, cols] = rope(k)  # (M, Hkv, hd) into [b, :, col]
+    v_cache[rows, :, cols] = v
+    q = rope(q.reshape(M, Hkv * G, hd)).view(B, T, Hkv * G, hd).transpose(1, 2)  # (M, Hq, hd) -> (B, Hq, T, hd)
     y = reference_decode_attention(q, k_cache, v_cache, lengths.view(B, T))
     return y.transpose(1, 2).reshape(M, Hkv * G * hd)
 
