@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_error, lean_requested
+from cat_titan.decode_flags import FIELDS, add_decode_path_args, decode_path_argv, decode_path_error, lean_requested
 
 
 @pytest.mark.parametrize("lean,fold,flag_msg,field_msg", [
@@ -36,6 +36,10 @@ def test_flags_parse_three_ways_and_the_module_needs_no_torch():
     add_decode_path_args(p)
     assert p.parse_args([]).lean is None and p.parse_args(["--no-lean"]).lean is False
     assert p.parse_args(["--lean", "--fold-norms"]).fold_norms
+    for lean in (None, True, False):  # decode_path_argv spells a choice back as the flags that parse to it
+        for fold in (False, True):
+            a = p.parse_args(decode_path_argv(lean, fold))
+            assert (a.lean, a.fold_norms) == (lean, fold)
     # --fold-norms alone asks for the lean path; no flag leaves it to compile_step's default
     assert [lean_requested(v, f) for v, f in ((None, False), (False, False), (None, True), (True, False))] == [
         False, False, True, True]
