@@ -21,7 +21,7 @@ def add_decode_path_args(p: argparse.ArgumentParser) -> None:
                    help="each decode block as the lean path: cuBLAS matmuls, RoPE + cache writes + attention in "
                         "one kernel, the residual adds inside the wo and w2 GEMMs (cat_titan.infer.decode_block; "
                         "+0.4-2%% tokens/s at batch 64 on an H100). Default: lean where the step is compiled on CUDA "
-                        "if cat_titan.infer.runners.LEAN_BY_DEFAULT is True; --no-lean: the model's ops")
+                        "(cat_titan.infer.runners.LEAN_BY_DEFAULT, True); --no-lean: the model's ops")
     p.add_argument("--fold-norms", action="store_true",
                    help="the lean path with the norm weights folded into copies of wqkv and w1|w3: the kernels "
                         "apply only the norm's row scale; ~5%% faster at batch 64, more memory (it counts in the "

@@ -56,12 +56,13 @@ from ..models.masks import CatLayout, cat_attention_mask
 from .decode_attention import decode_attention
 from .decode_block import fold_norm_weight, lean_block_forward, rope_attention
 
-# Whether compile_step(lean=None) runs the lean blocks on CUDA. They are faster (+0.4-2% at
-# batch 64, H100, docs/benchmarks.md sessions 18 and 20) and exact in every test that ran, but
-# the CUDA suites of the compiled default (cudagraph trees, runner graphs, attend buckets, aligned
-# compression) have not run with them yet. Set True once these pass on a GPU (they cover both paths):
+# Whether compile_step(lean=None) runs the lean blocks on CUDA: yes, since session 22. They are
+# faster (+1.8% at chunk 8, batch 64, H100; +4% with folded norms, which stay opt-in for their
+# memory; docs/benchmarks.md sessions 18, 20, 22) and the CUDA suites of the compiled step
+# (cudagraph trees, runner graphs, attend buckets, aligned compression; both paths) passed with it:
 #   pytest tests/infer/test_generate_cuda.py tests/infer/test_decode_graph.py tests/infer/test_decode_block.py
-LEAN_BY_DEFAULT = False
+# False makes the model's ops the compiled default again (per call: --no-lean, lean=False).
+LEAN_BY_DEFAULT = True
 
 
 # ----------------------------------------------------------------------------------------
