@@ -132,6 +132,15 @@ if triton is not None:
         tl.store(Out + b * so_b + qh[:, None] * so_h + qt[:, None] * so_t + d[None, :] * so_d,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
+    def attend_args(dtype: torch.dtype, hd: int, n_cols: int, rows: int, config: Optional[dict] = None) -> dict:
+        """The constexprs and launch settings of a kernel built on ``attend_visible``: the query
+        tile (``rows`` query rows per program, padded to >= 16 for tl.dot), IEEE dots in fp32,
+        the softmax scale, and ``kernel_config``'s tile with ``config`` (BLOCK_N, num_warps,
+        num_stages) over it. SCALE is a constexpr: a float argument arrives as fp64 through
+        torch.compile and would promote the softmax statistics to fp64."""
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(rows)), IEEE=dtype == torch.float32, SCALE=hd ** -0.5,
+                    **dict(kernel_config(hd, n_cols), **(config or {})))
+
     def launch_decode_kernel(kernel, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor,
                              config: Optional[dict] = None) -> Tensor:
         """Run ``kernel`` (``_decode_kernel``, or it wrapped for torch.compile); config:
@@ -139,15 +148,11 @@ if triton is not None:
         B, Hq, T, hd = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
-        cfg = dict(kernel_config(hd, k.shape[2]), **(config or {}))
         out = torch.empty((B, Hq, T, hd), dtype=q.dtype, device=q.device)
         kernel[(B * Hkv,)](
             q, k, v, lengths, out,
             *q.stride(), *k.stride(), *v.stride(), *lengths.stride(), *out.stride(),
-            HKV=Hkv, G=G, T=T, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(G * T)),
-            # SCALE is a constexpr: a float argument arrives as fp64 through torch.compile and
-            # would promote the softmax statistics to fp64
-            IEEE=q.dtype == torch.float32, SCALE=hd ** -0.5, **cfg)
+            HKV=Hkv, G=G, T=T, HD=hd, **attend_args(q.dtype, hd, k.shape[2], G * T, config))
         return out
 
     @torch.library.triton_op("cat_titan::decode_attention", mutates_args=())

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.common import apply_rope
-from .decode_attention import kernel_config, reference_decode_attention
+from .decode_attention import reference_decode_attention
 
 try:
     import triton
     import triton.language as tl
 
-    from .decode_attention import attend_visible
+    from .decode_attention import attend_args, attend_visible
 except ImportError:  # pragma: no cover - CPU-only installs without triton
     triton = None
 
@@ -256,15 +256,13 @@ if triton is not None:
         B, Hkv, N, hd = k_cache.shape
         out = torch.empty((M, Hkv * G * hd), dtype=qkv.dtype, device=qkv.device)
         D = x.shape[1] if x is not None else 1
-        cfg = dict(kernel_config(hd, N), **(config or {}))
         kernel[(B * Hkv,)](
             qkv, x if x is not None else qkv, cos, sin, k_cache, v_cache, cols, lengths, out, D, eps,
             qkv.stride(0), x.stride(0) if x is not None else 0, cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
             HKV=Hkv, G=G, T=T, HD=hd, FOLD=x is not None, BLOCK_D=min(1024, triton.next_power_of_2(D)),
-            BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_T=max(2, triton.next_power_of_2(T)),
-            IEEE=qkv.dtype == torch.float32, SCALE=hd ** -0.5, **cfg)
+            BLOCK_T=max(2, triton.next_power_of_2(T)), **attend_args(qkv.dtype, hd, N, G * T, config))
         return out
 
     @torch.library.triton_op("cat_titan::rope_attention", mutates_args={"k_cache", "v_cache"})

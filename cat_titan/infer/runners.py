@@ -320,7 +320,7 @@ class Runner(nn.Module):
         the model's ops. Off CUDA the same code runs the reference ops. The captured graphs and
         folded weights are redone. Returns which layers are lean. Call before ``compile_step``."""
         self.fuse_weights()
-        self._path[:] = ["lean" if self._fusable(layer) and g is not None else "ops"
+        self._path[:] = ["lean" if self._can_run_lean(layer) and g is not None else "ops"
                          for layer, g in zip(self.model.layers, self._gate_up)]
         if self._graphs:
             self._graphs.clear()
@@ -335,7 +335,7 @@ class Runner(nn.Module):
         return tuple(self._path)
 
     @staticmethod
-    def _fusable(layer: nn.Module) -> bool:
+    def _can_run_lean(layer: nn.Module) -> bool:
         attn = layer.attention
         return type(attn) is Attention and attn.q_norm is None
 
@@ -693,7 +693,7 @@ class StackRunner(Runner):
                         fx = ca.compress(buf.reshape(buf.shape[0], 1, -1))  # (B, 1, Dfx)
                         h = torch.where(done[:, None, None], fx, h)
                     return ca.final_proj(cache.attend(ca.inner, h, cat_cos, cat_sin, col[:, None], cat_len))
-                attend_lean = None  # CAT layers keep the model's ops (_fusable)
+                attend_lean = None  # CAT layers keep the model's ops (_can_run_lean)
             x = self._block(i, layer, x, attention, attend_lean)
         return self._head(x[:, 0])
 
