@@ -14,7 +14,12 @@ import ctypes, json, os, sys, time
 import torch
 import torch.nn.functional as F
 
-lib = ctypes.CDLL(os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so"))
+LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so")
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    sys.exit("bench_skinny_gemm.py needs a Hopper GPU (compute capability 9.0): the kernel uses TMA, wgmma and clusters")
+if not os.path.exists(LIB):
+    sys.exit(f"{LIB} is missing: build it with the nvcc command in skinny_gemm.cu's header (CUDA 12.5 or newer)")
+lib = ctypes.CDLL(LIB)
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
 CFGS = {2: "BN128x4wg", 3: "BN64x6wg", 4: "BN128x8wg", 5: "BN64x12wg", 6: "BN128x6wg", 7: "BN64x4wg"}
