@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so")
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-    sys.exit("bench_skinny_gemm.py needs a Hopper GPU (compute capability 9.0): the kernel uses TMA, wgmma and clusters")
+    sys.exit("bench_skinny_gemm.py needs a Hopper GPU (compute capability 9.0): "
+             "the kernel uses TMA, wgmma and thread-block clusters")
 if not os.path.exists(LIB):
     sys.exit(f"{LIB} is missing: build it with the nvcc command in skinny_gemm.cu's header (CUDA 12.5 or newer)")
 lib = ctypes.CDLL(LIB)
