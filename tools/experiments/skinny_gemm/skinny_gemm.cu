@@ -81,18 +81,14 @@ __device__ __forceinline__ void wgmma64(float* d, uint64_t da, uint64_t db) {
       : "l"(da), "l"(db));
 }
 
-template <int BN, bool WG>
-struct Cfg {
-  static constexpr int NCW = 4;       // consumer warps: one warpgroup (warps 0-3)
-  static constexpr int NT = 6 * 32;   // + warp 4: TMA producer, warp 5: row sums of x (mode 2)
-  static constexpr int NACC = BN / 2; // fp32 accumulators per consumer thread
-};
+constexpr int NCW = 4;      // consumer warps: one warpgroup (warps 0-3)
+constexpr int NT = 6 * 32;  // + warp 4: the TMA producer, warp 5: row sums of x (mode 2)
 
-template <int BN, int ST, bool WG>
-__global__ void __launch_bounds__(Cfg<BN, WG>::NT, 1)
+template <int BN, int ST>
+__global__ void __launch_bounds__(NT, 1)
 sg_kernel(const __grid_constant__ CUtensorMap tw, const __grid_constant__ CUtensorMap tx, bf16* __restrict__ out,
           int mode, float eps, int M, int N, int K, int ldo) {
-  constexpr int NCW = Cfg<BN, WG>::NCW, NT = Cfg<BN, WG>::NT, NACC = Cfg<BN, WG>::NACC;
+  constexpr int NACC = BN / 2;  // fp32 accumulators per consumer thread
   constexpr int WB = BN * 128, XB = 64 * 128, SB = WB + XB;
   constexpr int PS = BN + 4;  // fp32 partial row stride: conflict-free fragment stores
   static_assert(ST * SB >= 64 * PS * 4 + 256, "the partial tile and row sums reuse the stage buffers");
@@ -294,10 +290,10 @@ extern "C" int sg_make_tmap(void* dst128, void* ptr, long long rows, long long c
   return 0;
 }
 
-template <int BN, int ST, bool WG>
+template <int BN, int ST>
 static int launch_t(const void* pw, const void* px, void* out, int mode, float eps, int M, int N, int K, int ldo, int S,
                     int pdl, cudaStream_t st) {
-  auto kern = sg_kernel<BN, ST, WG>;
+  auto kern = sg_kernel<BN, ST>;
   const int smem = ST * (BN * 128 + 64 * 128) + 2 * ST * 8 + 1024;
   static bool ready = false;
   if (!ready) {
@@ -310,7 +306,7 @@ static int launch_t(const void* pw, const void* px, void* out, int mode, float e
   memcpy(&x, px, sizeof(x));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((N + BN - 1) / BN, S, 1);
-  cfg.blockDim = dim3(Cfg<BN, WG>::NT, 1, 1);
+  cfg.blockDim = dim3(NT, 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
   cudaLaunchAttribute at[2];
@@ -333,20 +329,20 @@ static int launch_t(const void* pw, const void* px, void* out, int mode, float e
   return e == cudaSuccess ? 0 : 2000 + (int)e;
 }
 
-extern "C" int sg_box_rows(int cfg) { return (cfg == 1 || cfg == 3 || cfg == 5 || cfg == 7) ? 64 : 128; }
+// cfg -> (BN, stages): 0 (128, 4), 1 (64, 6), 2 (128, 8), 3 (64, 12), 4 (128, 6), 5 (64, 4)
+extern "C" int sg_box_rows(int cfg) { return cfg % 2 ? 64 : 128; }
 
-// cfg: (BN, stages) -- 2 (128, 4), 3 (64, 6), 4 (128, 8), 5 (64, 12), 6 (128, 6), 7 (64, 4)
 extern "C" int sg_launch(int cfg, const void* tw, const void* tx, void* out, int mode, float eps, int M, int N, int K,
                          int ldo, int S, int pdl, void* stream) {
   if (M < 1 || M > 64 || N % 8 || ldo % 8 || S < 1 || S > 8) return -2;
   cudaStream_t st = (cudaStream_t)stream;
   switch (cfg) {
-    case 2: return launch_t<128, 4, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
-    case 3: return launch_t<64, 6, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
-    case 4: return launch_t<128, 8, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
-    case 5: return launch_t<64, 12, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
-    case 6: return launch_t<128, 6, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
-    case 7: return launch_t<64, 4, true>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 0: return launch_t<128, 4>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 1: return launch_t<64, 6>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 2: return launch_t<128, 8>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 3: return launch_t<64, 12>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 4: return launch_t<128, 6>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
+    case 5: return launch_t<64, 4>(tw, tx, out, mode, eps, M, N, K, ldo, S, pdl, st);
   }
   return -3;
 }
