@@ -10,7 +10,6 @@ then, from the repository root: python tools/experiments/skinny_gemm/bench_skinn
 4. the layers as the lean step runs them (folded norms): wqkv, cat_titan's rope_attention,
    wo + residual, w1|w3, swiglu_rows, w2 + residual, then the head: cuBLAS against this kernel.
 Writes skinny_gemm.json to $OUT (or the working directory)."""
-import ctypes
 import json
 import os
 import sys
@@ -21,46 +20,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(Path(__file__).resolve().parent)]
 from bench_attention import graph_us  # noqa: E402  (us per call, replayed from one CUDA graph)
 from cat_titan.infer.decode_block import rope_attention, swiglu_rows  # noqa: E402
 
-LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so")
-if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-    sys.exit("bench_skinny_gemm.py needs a Hopper GPU (compute capability 9.0): "
-             "the kernel uses TMA, wgmma and thread-block clusters")
-if not os.path.exists(LIB):
-    sys.exit(f"{LIB} is missing: build it with the nvcc command in skinny_gemm.cu's header (CUDA 12.5 or newer)")
-lib = ctypes.CDLL(LIB)
+from sglib import BOX, CFGS, G  # noqa: E402  (exits without a Hopper GPU or the library)
+
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
-CFGS = {0: "BN128x4", 1: "BN64x6", 2: "BN128x8", 3: "BN64x12", 4: "BN128x6", 5: "BN64x4"}  # sg_launch's cfg
-BOX = {c: lib.sg_box_rows(c) for c in CFGS}  # weight rows per tile (BN)
-
-
-def tmap(t, box_rows):
-    assert t.dtype == bf and t.stride(1) == 1
-    buf = ctypes.create_string_buffer(128)
-    r = lib.sg_make_tmap(buf, ctypes.c_void_p(t.data_ptr()), ctypes.c_longlong(t.shape[0]),
-                         ctypes.c_longlong(t.shape[1]), ctypes.c_longlong(t.stride(0)), ctypes.c_int(box_rows))
-    assert r == 0, ("tmap", r)
-    return buf
-
-
-class G:
-    """One prepared launch: out (M, N) = / += x (M, K) @ w (N, K)^T (mode 0 / 1), or mode 2's
-    SwiGLU of it (out (M, N/2)); cfg/S: tile config and split-K (cluster size)."""
-    def __init__(self, x, w, out, mode, cfg, S, pdl, eps=1e-5):
-        self.tw, self.tx = tmap(w, BOX[cfg]), tmap(x, 64)
-        self.args = (cfg, self.tw, self.tx, ctypes.c_void_p(out.data_ptr()), mode, ctypes.c_float(eps),
-                     x.shape[0], w.shape[0], w.shape[1], out.stride(0), S, pdl)
-        self.keep = (x, w, out)
-
-    def __call__(self):
-        r = lib.sg_launch(*self.args, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-        assert r == 0, ("launch", r)
-
-
 def label(cfg, S):
     return f"{CFGS[cfg]}/S{S}"
 

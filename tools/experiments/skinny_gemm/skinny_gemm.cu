@@ -3,9 +3,10 @@
 // accumulate. Measured on an H100 against cuBLAS in docs/benchmarks.md ("Session 23"): faster
 // in a chain of back-to-back GEMMs with PDL (428 vs 471 us for a step's 49 GEMMs), slower in the
 // lean step's real layer sequence, where half the GEMMs follow a Triton kernel (683 vs 665 us).
-// Build: nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
-//          -o libskinny_gemm.so skinny_gemm.cu
-// then bench_skinny_gemm.py (same folder) checks it against fp32 products and times it.
+// Build (one library with session 24's ffn_fused.cu; both include sm90.cuh):
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
+//        -o libskinny_gemm.so skinny_gemm.cu ffn_fused.cu
+// then bench_skinny_gemm.py / bench_ffn_fused.py (same folder) check the kernels against fp32 and time them.
 //
 // Design. Swap-AB: the weight's rows are the MMA's M side, the (padded) 64 batch rows its N side.
 // Per CTA: BN weight rows x a K range. Warp 4 (one thread) streams 128B-swizzled (BN x 64) weight
@@ -17,69 +18,11 @@
 // griddepcontrol.wait, so a GEMM's weight stream starts while the previous kernel finishes.
 // mode 0 stores, mode 1 adds into out (the residual stream), mode 2 is w1|w3 with SwiGLU and the
 // RMSNorm row scale in the epilogue (weight rows interleaved in BN/2 blocks; warp 5 sums x^2).
-#include <cuda.h>
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
+#include "sm90.cuh"
 #include <cooperative_groups.h>
-#include <cstdint>
 #include <cstring>
 
 namespace cg = cooperative_groups;
-typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t ok = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
-  } while (!ok);
-}
-__device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
-      ::"r"(dst), "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1) : "memory");
-}
-__device__ __forceinline__ void tma_2d_hint(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
-                                            uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%3, %4}], [%2], %5;"
-      ::"r"(dst), "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1), "l"(policy) : "memory");
-}
-
-// wgmma: shared-memory descriptor of a K-major tile under 128B swizzle (8-row core groups 1024 B apart)
-__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
-  return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
-// d (64 weight rows x 64 batch rows, fp32) += A (64 x 16 at da) B^T (64 x 16 at db)
-__device__ __forceinline__ void wgmma64(float* d, uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db));
-}
 
 constexpr int NCW = 4;      // consumer warps: one warpgroup (warps 0-3)
 constexpr int NT = 6 * 32;  // + warp 4: the TMA producer, warp 5: row sums of x (mode 2)

@@ -1,0 +1,49 @@
+"""The experiments' CUDA library (libskinny_gemm.so, built from skinny_gemm.cu and ffn_fused.cu with
+the command in skinny_gemm.cu's header) and TMA descriptors for its kernels. Exits with the reason
+when there is no Hopper GPU or no library."""
+import ctypes
+import os
+import sys
+
+import torch
+
+LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so")
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    sys.exit("the skinny_gemm experiments need a Hopper GPU (compute capability 9.0): "
+             "the kernels use TMA, wgmma and thread-block clusters")
+if not os.path.exists(LIB):
+    sys.exit(f"{LIB} is missing: build it with the nvcc command in skinny_gemm.cu's header (CUDA 12.5 or newer)")
+lib = ctypes.CDLL(LIB)
+
+
+def tmap(t: torch.Tensor, box_rows: int) -> ctypes.Array:
+    """A 128-byte TMA descriptor of the 2-D bf16 tensor t (unit column stride): (box_rows x 64)
+    boxes, 128B swizzle, rows past the end read as zeros."""
+    assert t.dtype == torch.bfloat16 and t.dim() == 2 and t.stride(1) == 1
+    buf = ctypes.create_string_buffer(128)
+    r = lib.sg_make_tmap(buf, ctypes.c_void_p(t.data_ptr()), ctypes.c_longlong(t.shape[0]),
+                         ctypes.c_longlong(t.shape[1]), ctypes.c_longlong(t.stride(0)), ctypes.c_int(box_rows))
+    assert r == 0, ("sg_make_tmap", r)
+    return buf
+
+
+def stream_ptr() -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+CFGS = {0: "BN128x4", 1: "BN64x6", 2: "BN128x8", 3: "BN64x12", 4: "BN128x6", 5: "BN64x4"}  # sg_launch's cfg
+BOX = {c: lib.sg_box_rows(c) for c in CFGS}  # weight rows per tile (BN)
+
+
+class G:
+    """One prepared launch: out (M, N) = / += x (M, K) @ w (N, K)^T (mode 0 / 1), or mode 2's
+    SwiGLU of it (out (M, N/2)); cfg/S: tile config and split-K (cluster size)."""
+    def __init__(self, x, w, out, mode, cfg, S, pdl, eps=1e-5):
+        self.tw, self.tx = tmap(w, BOX[cfg]), tmap(x, 64)
+        self.args = (cfg, self.tw, self.tx, ctypes.c_void_p(out.data_ptr()), mode, ctypes.c_float(eps),
+                     x.shape[0], w.shape[0], w.shape[1], out.stride(0), S, pdl)
+        self.keep = (x, w, out)
+
+    def __call__(self):
+        r = lib.sg_launch(*self.args, stream_ptr())
+        assert r == 0, ("launch", r)
