@@ -4,11 +4,14 @@ cat-150m decoder's shapes (D 1536, F 4096, batch 64, bf16, folded ffn norm), on 
 library first (skinny_gemm.cu's header), then from the repository root:
     python tools/experiments/skinny_gemm/bench_ffn_fused.py
 
+0. one launch per config, exiting with the kernel's report if any of its (bounded) waits timed out;
 1. correctness against fp32 (act rounded to bf16 as both paths do), M 64 and 37, each config; three
-   layers in a row, eager and replayed from a CUDA graph (the kernel's flags reset themselves);
-2. us per layer: 12 layers' FFN halves (distinct weights, streamed from HBM) in one CUDA graph;
+   layers in a row, eager and replayed from a CUDA graph (the kernel's flags reset themselves); then the
+   timeline of one launch (each CTA's %globaltimer stamps);
+2. us per layer: 12 layers' FFN halves (distinct weights, streamed from HBM) in one CUDA graph, and
+   each phase alone;
 3. us per step: the lean step's 12 layers (wqkv, rope_attention, wo + residual, FFN) and the head,
-   with either FFN, each checked against the other.
+   with either FFN, and with every GEMM one of this folder's kernels, each checked against the first.
 Writes ffn_fused.json to $OUT (or the working directory)."""
 import ctypes
 import json
@@ -52,8 +55,7 @@ class FFN:
         self.maps = ctypes.create_string_buffer(b"".join(m.raw for m in maps), 512)
         ptr = lambda t: ctypes.c_void_p(t.data_ptr())
         self.args = (stages, self.maps, ptr(h), ptr(self.act), ptr(self.part), ptr(self.rs), ptr(self.cnt),
-                     ptr(self.dbg), M, D, Fn,
-                     self.S, ctypes.c_float(EPS), SMS, pdl, phases)
+                     ptr(self.dbg), M, D, Fn, self.S, ctypes.c_float(EPS), SMS, pdl, phases)
         self.keep = (h, w2)
 
     def __call__(self):
@@ -85,6 +87,10 @@ def ffn_lean(h, w13, w2, gu):
 
 def rel(a, want):
     return ((a.float() - want).abs().max() / want.abs().max()).item()
+
+
+def save(out):
+    json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "ffn_fused.json"), "w"), indent=1)
 
 
 print(torch.cuda.get_device_name(), torch.__version__, f"{SMS} SMs", flush=True)
@@ -144,10 +150,10 @@ out["correct"] = {"per_config_worst": {f"{st}/{S}": v for (st, S), v in worst.it
                   "three_layers_graph": errs, "failing": [f"{st}/{S}" for st, S in bad]}
 if bad or not max(errs + [e_eager]) < 2e-2:
     print("FAIL: correctness", bad, flush=True)
-    json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "ffn_fused.json"), "w"))
+    save(out)
     sys.exit(1)
 
-# timeline of one launch (warm): globaltimer stamps per CTA, us after the earliest start
+# timeline of one launch, weights not in L2: each CTA's globaltimer stamps, us after the earliest start
 STAMPS = ["start", "A mainloop done", "A row scales in smem", "A act stored + counted", "B mainloop done",
           "B partial stored + fenced", "B all splits in", "B reduced into h", "end"]
 hh = h0.clone()
@@ -183,7 +189,6 @@ for st, S in CONFIGS[:2]:
 print({k: round(v, 2) for k, v in rows.items() if k.startswith("phase")}, flush=True)
 out["ffn_us_per_layer"] = {k: round(v, 2) for k, v in rows.items()}
 best = min((k for k in rows if k.startswith("fused")), key=rows.get)
-
 bst, bS = (int(best.split()[i]) for i in (2, 4))
 print("best", best, flush=True)
 
@@ -201,8 +206,6 @@ lens = cols + 1
 qkv = torch.empty(B, 3 * D, device=dev, dtype=bf)
 logits = torch.empty(B, V, device=dev, dtype=bf)
 fused = [FFN(h, w13, w2, bst, bS, 1) for w13, w2 in W]  # PDL: its W13 stream may start during wo
-
-
 # skinny_gemm.cu's GEMMs at session 23's best (cfg, split): wqkv BN64x12 unsplit, wo BN128x8 split 8, head BN128x4
 gq = [G(h, wq, qkv, 0, 3, 1, 1) for wq, _ in Wa]
 ghead = G(h, Wh, logits, 0, 0, 1, 1)
@@ -212,14 +215,23 @@ def step(use_fused, custom_gemms=False):
     """custom_gemms: every GEMM a PDL launch of this folder's kernels (only rope_attention is not)."""
     def run():
         for l, (wq, wo) in enumerate(Wa):
-            gq[l]() if custom_gemms else torch.mm(h, wq.t(), out=qkv)
+            if custom_gemms:
+                gq[l]()
+            else:
+                torch.mm(h, wq.t(), out=qkv)
             y = rope_attention(qkv, kcs[l], vcs[l], cos, sin, cols, lens, 1, 1, h, EPS)
-            G(y, wo, h, 1, 2, 8, 1)() if custom_gemms else h.addmm_(y, wo.t())  # y is new each call: map at capture
+            if custom_gemms:
+                G(y, wo, h, 1, 2, 8, 1)()  # y is new each call: its map is made here (at capture)
+            else:
+                h.addmm_(y, wo.t())
             if use_fused:
                 fused[l]()
             else:
                 ffn_lean(h, *W[l], gu)
-        ghead() if custom_gemms else torch.mm(h, Wh.t(), out=logits)
+        if custom_gemms:
+            ghead()
+        else:
+            torch.mm(h, Wh.t(), out=logits)
     return run
 
 
@@ -237,4 +249,4 @@ for name, fn in [("lean", step(False)), ("fused FFN", step(True)), ("fused FFN, 
     print("step", name, json.dumps(res[name]), flush=True)
 out["step_us"] = res
 out["step_best_config"] = best
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "ffn_fused.json"), "w"), indent=1)
+save(out)
