@@ -27,7 +27,7 @@ sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
 from bench_attention import graph_us  # noqa: E402  (us per call, replayed from one CUDA graph)
 from cat_titan.infer.decode_block import rope_attention, swiglu_rows  # noqa: E402
 
-from sglib import G, lib, stream_ptr, tmap  # noqa: E402  (exits without a Hopper GPU or the library)
+from sglib import G, chunk32_caches, lib, stream_ptr, tmap  # noqa: E402  (exits without a Hopper GPU or the library)
 
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
@@ -196,13 +196,7 @@ print("best", best, flush=True)
 Wa = [(torch.randn(3 * D, D, device=dev, dtype=bf) * .02, torch.randn(D, D, device=dev, dtype=bf) * .02)
       for _ in range(L)]
 Wh = torch.randn(V, D, device=dev, dtype=bf) * .02
-Hh, hd, NC = 24, 64, 96
-kcs = [torch.randn(B, Hh, NC, hd, device=dev, dtype=bf) for _ in range(L)]
-vcs = [torch.randn(B, Hh, NC, hd, device=dev, dtype=bf) for _ in range(L)]
-ang = torch.rand(B, hd // 2, device=dev) * 6
-cos, sin = torch.cat([ang.cos()] * 2, -1).to(bf), torch.cat([ang.sin()] * 2, -1).to(bf)
-cols = torch.full((B,), 60, device=dev, dtype=torch.long)
-lens = cols + 1
+kcs, vcs, cos, sin, cols, lens = chunk32_caches(B, L)
 qkv = torch.empty(B, 3 * D, device=dev, dtype=bf)
 logits = torch.empty(B, V, device=dev, dtype=bf)
 fused = [FFN(h, w13, w2, bst, bS, 1) for w13, w2 in W]  # PDL: its W13 stream may start during wo

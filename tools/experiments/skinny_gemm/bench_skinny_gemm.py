@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(Path(__file__).resolve().par
 from bench_attention import graph_us  # noqa: E402  (us per call, replayed from one CUDA graph)
 from cat_titan.infer.decode_block import rope_attention, swiglu_rows  # noqa: E402
 
-from sglib import BOX, CFGS, G  # noqa: E402  (exits without a Hopper GPU or the library)
+from sglib import BOX, CFGS, G, chunk32_caches  # noqa: E402  (exits without a Hopper GPU or the library)
 
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
@@ -134,13 +134,7 @@ logits = torch.empty(B, V, device=dev, dtype=bf)
 FUSED = best["gu"] if best["gu"] not in bad2 else (0, 2)
 print("fused w1|w3 config", label(*FUSED), flush=True)
 W13 = [interleave(wgu[:Fh], wgu[Fh:], BOX[FUSED[0]]) for _, _, wgu, _ in Wl]
-Hh, hd, NC = 24, 64, 96
-kcs = [torch.randn(B, Hh, NC, hd, device=dev, dtype=bf) for _ in range(L)]
-vcs = [torch.randn(B, Hh, NC, hd, device=dev, dtype=bf) for _ in range(L)]
-ang = torch.rand(B, hd // 2, device=dev) * 6
-cos, sin = torch.cat([ang.cos()] * 2, -1).to(bf), torch.cat([ang.sin()] * 2, -1).to(bf)
-cols = torch.full((B,), 60, device=dev, dtype=torch.long)
-lens = cols + 1
+kcs, vcs, cos, sin, cols, lens = chunk32_caches(B, L)
 eps = 1e-5
 
 

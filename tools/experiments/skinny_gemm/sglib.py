@@ -47,3 +47,16 @@ class G:
     def __call__(self):
         r = lib.sg_launch(*self.args, stream_ptr())
         assert r == 0, ("launch", r)
+
+
+def chunk32_caches(B: int, L: int, device="cuda", dtype=torch.bfloat16):
+    """L layers' K/V caches as the lean step meets them at chunk 32 mid-generation (cat-150m: 24 heads of
+    64, 96 columns, 61 visible) and the step's rotary tables and columns for B rows:
+    (k caches, v caches, cos, sin, cols, lengths)."""
+    H, hd, N = 24, 64, 96
+    ks = [torch.randn(B, H, N, hd, device=device, dtype=dtype) for _ in range(L)]
+    vs = [torch.randn(B, H, N, hd, device=device, dtype=dtype) for _ in range(L)]
+    ang = torch.rand(B, hd // 2, device=device) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    cols = torch.full((B,), 60, device=device, dtype=torch.long)
+    return ks, vs, cos, sin, cols, cols + 1
