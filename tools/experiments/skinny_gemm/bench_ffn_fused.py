@@ -20,42 +20,38 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
 from bench_attention import graph_us  # noqa: E402  (us per call, replayed from one CUDA graph)
 from cat_titan.infer.decode_block import rope_attention, swiglu_rows  # noqa: E402
 
-from sglib import G, chunk32_caches, lib, stream_ptr, tmap  # noqa: E402  (exits without a Hopper GPU or the library)
+# exits without a Hopper GPU or the library
+from sglib import G, chunk32_caches, interleave, lib, stream_ptr, swiglu_ref, tmap  # noqa: E402
 
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
 D, Fh, V, L, B, EPS = 1536, 4096, 32000, 12, 64, 1e-5
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
-
-
-def interleave(w1, w3):
-    """(F, D) x 2 -> (2F, D) in 16-row groups [8 rows of w1 | the same 8 units of w3] (the kernel's phase A)."""
-    return torch.stack([w1.view(-1, 8, w1.shape[1]), w3.view(-1, 8, w3.shape[1])], 1).reshape(-1, w1.shape[1])
+DBG_INTS = 24  # ffn_fused.cu's DBG: per CTA [code, seen, target, thread] + 10 u64 timestamps
 
 
 class FFN:
     """h (M, D) += SwiGLU(r * h w13^T) w2^T in place, one launch; w13 = [w1; w3] (2F, D) with the norm folded in."""
     def __init__(self, h, w13, w2, stages=8, S=None, pdl=1, phases=3):
-        M, Fn = h.shape[0], w2.shape[1]
-        self.S = S or SMS // (D // 128)
+        (M, Dm), Fn = h.shape, w2.shape[1]
+        self.S = S or SMS // (Dm // 128)
         self.act = torch.empty(64, Fn, device=dev, dtype=bf)
         self.part = torch.empty(SMS * 128 * 64, device=dev)
         self.rs = torch.empty(64, device=dev)
-        self.cnt = torch.zeros(lib.ffn_counters(D, Fn), device=dev, dtype=torch.int32)
-        self.dbg = torch.zeros(SMS, 24, device=dev, dtype=torch.int32)
-        self.w13i = interleave(w13[:Fn], w13[Fn:])
+        self.cnt = torch.zeros(lib.ffn_counters(Dm, Fn), device=dev, dtype=torch.int32)
+        self.dbg = torch.zeros(SMS, DBG_INTS, device=dev, dtype=torch.int32)
+        self.w13i = interleave(w13[:Fn], w13[Fn:], 16)  # 16-row groups [8 w1 | the same 8 of w3]
         maps = [tmap(self.w13i, 64), tmap(h, 64), tmap(w2, 128), tmap(self.act, 64)]
         self.maps = ctypes.create_string_buffer(b"".join(m.raw for m in maps), 512)
         ptr = lambda t: ctypes.c_void_p(t.data_ptr())
         self.args = (stages, self.maps, ptr(h), ptr(self.act), ptr(self.part), ptr(self.rs), ptr(self.cnt),
-                     ptr(self.dbg), M, D, Fn, self.S, ctypes.c_float(EPS), SMS, pdl, phases)
+                     ptr(self.dbg), M, Dm, Fn, self.S, ctypes.c_float(EPS), SMS, pdl, phases)
         self.keep = (h, w2)
 
     def __call__(self):
@@ -73,9 +69,7 @@ class FFN:
 
 def ffn_ref(h, w13, w2):
     """fp32 h + SwiGLU(r * h w13^T) w2^T, act rounded to bf16."""
-    r = torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + EPS)
-    a, b = (h.float() @ w13.float().t()).chunk(2, -1)
-    act = (F.silu(a * r) * (b * r)).to(bf).float()
+    act = swiglu_ref(h, *w13.chunk(2), EPS).to(bf).float()
     return h.float() + act @ w2.float().t()
 
 
@@ -163,7 +157,7 @@ for _ in range(2):
         f()
 torch.cuda.synchronize()
 f.check()
-ts = f.dbg[:, 4:22].contiguous().view(torch.int64).double()  # (SMS, 9) ns
+ts = f.dbg[:, 4:4 + 2 * len(STAMPS)].contiguous().view(torch.int64).double()  # (SMS, 9) ns
 t0 = ts[:, 0].min()
 timeline = {}
 for k, name in enumerate(STAMPS):

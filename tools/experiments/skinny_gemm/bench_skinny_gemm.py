@@ -24,24 +24,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(Path(__file__).resolve().par
 from bench_attention import graph_us  # noqa: E402  (us per call, replayed from one CUDA graph)
 from cat_titan.infer.decode_block import rope_attention, swiglu_rows  # noqa: E402
 
-from sglib import BOX, CFGS, G, chunk32_caches  # noqa: E402  (exits without a Hopper GPU or the library)
+# exits without a Hopper GPU or the library
+from sglib import BOX, CFGS, G, chunk32_caches, interleave, swiglu_ref  # noqa: E402
 
 dev, bf = "cuda", torch.bfloat16
 torch.manual_seed(0)
 def label(cfg, S):
     return f"{CFGS[cfg]}/S{S}"
-
-
-def interleave(w1, w3, bn):
-    """(F, D) x 2 -> (2F, D): bn-row blocks [bn/2 rows of w1 | the same bn/2 units of w3] (mode 2's tile)."""
-    F_, D_ = w1.shape
-    hb = bn // 2
-    return torch.stack([w1.view(F_ // hb, hb, D_), w3.view(F_ // hb, hb, D_)], 1).reshape(2 * F_, D_)
-
-
-def swiglu_ref(hh, w1, w3, eps=1e-5):
-    r = torch.rsqrt(hh.float().pow(2).mean(-1, keepdim=True) + eps)
-    return F.silu((hh.float() @ w1.float().t()) * r) * ((hh.float() @ w3.float().t()) * r)
 
 
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)

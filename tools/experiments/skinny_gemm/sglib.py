@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libskinny_gemm.so")
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -60,3 +61,18 @@ def chunk32_caches(B: int, L: int, device="cuda", dtype=torch.bfloat16):
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     cols = torch.full((B,), 60, device=device, dtype=torch.long)
     return ks, vs, cos, sin, cols, cols + 1
+
+
+def interleave(w1: torch.Tensor, w3: torch.Tensor, bn: int) -> torch.Tensor:
+    """(F, D) x 2 -> (2F, D) in bn-row blocks [bn/2 rows of w1 | the same bn/2 units of w3]: the layout of
+    skinny_gemm.cu's mode 2 (bn = its tile) and of ffn_fused.cu's phase A (bn = 16)."""
+    F_, D_ = w1.shape
+    hb = bn // 2
+    return torch.stack([w1.view(F_ // hb, hb, D_), w3.view(F_ // hb, hb, D_)], 1).reshape(2 * F_, D_)
+
+
+def swiglu_ref(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """fp32 SwiGLU of the RMSNorm'd rows h with the norm's weight folded into w1, w3:
+    silu(r h w1^T) (r h w3^T), r = rsqrt(mean(h^2) + eps)."""
+    r = torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
+    return F.silu((h.float() @ w1.float().t()) * r) * ((h.float() @ w3.float().t()) * r)
