@@ -76,8 +76,9 @@ def split(model, runner, prompts) -> None:
             per.setdefault(g, []).append(e0.elapsed_time(e1) * us)
         inside = sum(sum(v) for v in per.values())
         between = [rec[i][2].elapsed_time(rec[i + 1][1]) * us for i in range(len(rec) - 1)]
+        before = s0.elapsed_time(rec[0][1]) * us
         print(f"  split {trial}: {s0.elapsed_time(s1) * us / N:.1f} us/step; in graphs {inside / N:.1f} "
-              f"({len(rec)} replays); prefill (before the first replay) {s0.elapsed_time(rec[0][1]) * us:.0f} us; "
+              f"({len(rec)} replays); prefill and set-up (before the first replay) {before:.0f} us; "
               f"between replays {sum(between) / N:.1f} us/step (median {sorted(between)[len(between) // 2]:.1f})")
         for v in per.values():
             v.sort()

@@ -24,6 +24,11 @@ for f in benchmark.py transformer.py cat_transformer.py; do
     fi
 done
 [[ $batch =~ ^[1-9][0-9]*$ ]] || { echo "BATCH=$batch must be a positive integer" >&2; exit 2; }
+for c in "${chunks[@]}"; do
+    if ! [[ $c =~ ^[1-9][0-9]*$ ]] || (( 2048 % c )); then
+        echo "chunk size $c must divide the harness's block 2048 (e.g. 8, 16, 32)" >&2; exit 2
+    fi
+done
 # The lines the substitutions expect; a changed harness stops here instead of running another configuration.
 for line in '    batch_size = 320' '    chunk_size = 8' '    benchmark_name = "temp"'; do
     if ! grep -qxF "$line" "$ref/benchmark.py"; then
@@ -34,9 +39,6 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp "$ref/transformer.py" "$ref/cat_transformer.py" "$work/"
 for c in "${chunks[@]}"; do
-    if ! [[ $c =~ ^[1-9][0-9]*$ ]] || (( 2048 % c )); then
-        echo "chunk size $c must divide the harness's block 2048" >&2; exit 2
-    fi
     sed -e "s/^    batch_size = 320\$/    batch_size = $batch/" -e "s/^    chunk_size = 8\$/    chunk_size = $c/" \
         -e "s/^    benchmark_name = \"temp\"\$/    benchmark_name = \"ref_c$c\"/" -e "s/^    print(model)\$/    pass/" \
         "$ref/benchmark.py" > "$work/bench_c$c.py"
