@@ -22,14 +22,17 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+ROOT = Path(__file__).resolve().parents[3]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import torch  # noqa: E402
+from bench_generate import _configs  # noqa: E402  (the bench's model args for a preset and chunk size)
 
 from cat_titan.infer.bench import SpeedConfig, build_runner, measure_generation, random_prompts  # noqa: E402
-from cat_titan.infer.generate import generate  # noqa: E402
-from cat_titan.models.registry import build_model, get_preset  # noqa: E402
+from cat_titan.infer.generate import Generation, generate  # noqa: E402
+from cat_titan.models.registry import build_model  # noqa: E402
 
 B, N, P = 64, 2048, 8
 
@@ -92,10 +95,8 @@ def in_graph(model, runner, prompts, C: int) -> None:
     runs = [timed(lambda: generate(model, prompts, N, runner=runner)) for _ in range(2)]
     ref, t_gen = torch.tensor(runs[0][1]), min(t for t, _ in runs)  # (B, N) tokens
     decode = runner._compiled["decode"]  # (runner, tok, pos, fx, compress_all) -> logits (B, V_padded)
-    Lp = -(-P // C) * C  # the prefill takes whole chunks (generate() pads the same way)
-    padded = torch.zeros(B, Lp, dtype=torch.long)
-    padded[:, :P] = prompts
-    padded, lengths = padded.cuda(), torch.full((B,), P, device="cuda")
+    gen = Generation(model, prompts, 0, runner=runner)  # generate()'s padded prompts (B, Lp) and lengths (B,)
+    padded, lengths = gen.tokens, gen.lengths
     tok, pos = (torch.zeros(B, dtype=torch.long, device="cuda") for _ in range(2))
     k, out = torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(N, B, dtype=torch.long, device="cuda")
 
@@ -158,8 +159,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; cat-150m bf16, batch {B}, prompt {P}, "
           f"{N} new tokens")
     for C in chunks:
-        args = get_preset("cat-150m").replace(chunk_size=C)
-        args = args.replace(block_size=max(args.block_size, -(-(N + P) // C) * C))
+        [(_, _, args, _)] = _configs(SimpleNamespace(prompt_len=P, gen_len=N, dense_preset="", cat_preset="cat-150m",
+                                                     chunk_sizes=[C]))
         model = build_model(args, device="cuda", seed=0).to(torch.bfloat16).eval()
         cfg = SpeedConfig(batch=B, prompt_len=P, gen_len=N, compile=True, cuda_graphs=True, graph_mode="runner")
         runner = build_runner(model, cfg, None)
